@@ -1,0 +1,30 @@
+"""`fedhealth keys init`: a federation's CKKS key files."""
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fedhealth.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
+from fedhealth.crypto.presets import PRESETS, get_preset
+
+
+def keys_init(
+    out: Path = typer.Option(..., "--out", help="Folder for site.ctx and aggregator.ctx."),
+    preset: str = typer.Option("default", help=f"CKKS preset: {', '.join(PRESETS)}."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
+) -> None:
+    """Write site.ctx (secret key, mode 0600) and aggregator.ctx (parameters only)."""
+    console = Console()
+    try:
+        params = get_preset(preset)
+        fingerprint = init_key_files(out, preset, overwrite=force)
+    except (ValueError, FileExistsError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"preset      {params.name} (N={params.poly_modulus_degree}, "
+                  f"coeff_mod_bit_sizes={list(params.coeff_mod_bit_sizes)}, "
+                  f"scale=2^{params.scale_bits})")
+    console.print(f"site key    {out / SITE_FILE}  (secret: copy only to the federation's sites)")
+    console.print(f"aggregator  {out / AGGREGATOR_FILE}  (parameters only: for the aggregator)")
+    console.print(f"fingerprint {fingerprint}")
