@@ -1,0 +1,150 @@
+"""Synthesize a federation: one folder of DICOM studies and a labels.csv per hospital.
+
+Non-IID on purpose, each knob separately: label skew (per-site prevalence), scanner shift (vendors,
+see `vendors.py`) and size skew (images per site). Everything derives from the seed, so two runs
+with the same arguments write byte-identical files.
+"""
+
+import csv
+import hashlib
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from fedhealth.synth.dicom import ImageIds, write_image
+from fedhealth.synth.phantom import render
+from fedhealth.synth.vendors import Vendor, vendor_for_site
+
+LABELS_FILE = "labels.csv"
+MASKS_DIR = "masks"
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """What synth wrote for one hospital: the numbers a site check must find again."""
+
+    name: str
+    images: int
+    patients: int
+    studies: int
+    labels: dict[int, int]
+    manufacturer: str
+    model: str
+    photometric: str
+    prevalence: float = field(repr=False)
+
+
+def synthesize_federation(
+    out: Path,
+    sites: int,
+    seed: int,
+    *,
+    images_per_site: int | Sequence[int] = 48,
+    image_size: int = 64,
+    label_skew: float = 0.5,
+    scanner_shift: float = 1.0,
+    segmentation_masks: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[SiteSummary]:
+    """Write `out/hospital-<k>/` for k = 1..sites and return what each holds.
+
+    An existing, non-empty hospital folder is refused (stale files from other settings would
+    mix in), or replaced whole with `overwrite`.
+
+    label_skew in [0, 1]: 0 gives every site 50% prevalence, 1 spreads them from 5% to 95%.
+    scanner_shift >= 0: 0 gives every site the same vendor. `progress` is called with 1 per image.
+    """
+    counts = _images_per_site(images_per_site, sites)
+    if not 64 <= image_size <= 256:
+        raise ValueError(f"image_size must be between 64 and 256, got {image_size}")
+    if not 0 <= label_skew <= 1:
+        raise ValueError(f"label_skew must be in [0, 1], got {label_skew}")
+    width = len(str(sites))
+    site_dirs = [out / f"hospital-{k + 1:0{width}d}" for k in range(sites)]
+    for site_dir in site_dirs:
+        if site_dir.exists() and any(site_dir.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{site_dir} is not empty: choose another output folder, "
+                                      "or overwrite it (--overwrite)")
+            shutil.rmtree(site_dir)
+    summaries = []
+    for k in range(sites):
+        spread = 0.0 if sites == 1 else 2 * k / (sites - 1) - 1
+        summaries.append(_write_site(
+            site_dirs[k], k, seed, counts[k], image_size,
+            prevalence=0.5 + 0.45 * label_skew * spread,
+            vendor=vendor_for_site(k, scanner_shift),
+            masks=segmentation_masks, progress=progress,
+        ))
+    return summaries
+
+
+def _images_per_site(images_per_site: int | Sequence[int], sites: int) -> list[int]:
+    if sites < 1:
+        raise ValueError(f"sites must be >= 1, got {sites}")
+    counts = [images_per_site] * sites if isinstance(images_per_site, int) else list(images_per_site)
+    if len(counts) != sites:
+        raise ValueError(f"images_per_site has {len(counts)} entries for {sites} sites")
+    if min(counts) < 1:
+        raise ValueError(f"every site needs at least one image, got {counts}")
+    return counts
+
+
+def _write_site(site_dir: Path, index: int, seed: int, n_images: int, size: int, *,
+                prevalence: float, vendor: Vendor, masks: bool,
+                progress: Callable[[int], None] | None) -> SiteSummary:
+    """One hospital: patients with 1-3 single-image studies each, labels shuffled at `prevalence`."""
+    rng = np.random.default_rng([seed, index])
+    name = site_dir.name
+    labels = np.zeros(n_images, dtype=np.int64)
+    labels[: round(prevalence * n_images)] = 1
+    rng.shuffle(labels)
+
+    def uid(*parts: object) -> str:
+        return generate_uid(entropy_srcs=[str(seed), name, *map(str, parts)])
+
+    rows: list[dict[str, str]] = []
+    patients, image = 0, 0
+    while image < n_images:
+        patient_id = f"H{index + 1}P{patients:05d}"
+        folder = hashlib.sha1(f"{seed}/{patient_id}".encode()).hexdigest()[:10]
+        birth = date(1940, 1, 1) + timedelta(days=int(rng.integers(0, 60 * 365)))
+        n_studies = min(int(rng.choice([1, 1, 2, 3])), n_images - image)
+        for study in range(n_studies):
+            study_day = date(2020, 1, 1) + timedelta(days=int(rng.integers(0, 4 * 365)))
+            ids = ImageIds(
+                patient_id=patient_id, patient_name=f"SYNTH^{patient_id}",
+                birth_date=birth.strftime("%Y%m%d"), sex=str(rng.choice(["F", "M"])),
+                study_uid=uid("study", image), series_uid=uid("series", image),
+                sop_uid=uid("image", image), study_date=study_day.strftime("%Y%m%d"),
+                accession=f"ACC{index + 1}{image:07d}", institution=name,
+            )
+            picture = render(rng, size, vendor, finding=bool(labels[image]))
+            write_image(site_dir / "export" / folder / ids.study_date / f"IM{study:04d}{vendor.file_suffix}",
+                     picture, vendor, ids)
+            row = {"StudyInstanceUID": ids.study_uid, "SOPInstanceUID": ids.sop_uid,
+                   "label": str(labels[image])}
+            if masks:
+                mask_path = site_dir / MASKS_DIR / f"{ids.sop_uid}.npy"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(mask_path, picture.mask)
+                row["mask"] = f"{MASKS_DIR}/{mask_path.name}"
+            rows.append(row)
+            image += 1
+            if progress is not None:
+                progress(1)
+        patients += 1
+
+    with (site_dir / LABELS_FILE).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return SiteSummary(name, n_images, patients, n_images,
+                       {c: int((labels == c).sum()) for c in (0, 1)},
+                       vendor.manufacturer, vendor.model, vendor.photometric, prevalence)
