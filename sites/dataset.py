@@ -1,0 +1,200 @@
+"""A site's DICOM folder as train/val/test MONAI datasets of decoded, cached tensors.
+
+Scan (sites.dicom_files) -> join labels (sites.labels) -> split by patient -> MONAI transforms,
+run once per image by a CacheDataset (or PersistentDataset, to survive restarts), so training epochs
+never decode DICOM again.
+"""
+
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import CacheDataset, PersistentDataset, PydicomReader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Resized,
+    ScaleIntensityRangePercentilesd,
+    SelectItemsd,
+)
+from torch.utils.data import Dataset
+
+from sites.dicom_files import SiteDataError, Skipped, scan_tree
+from sites.labels import Labeled, default_labels, join_labels, read_labels
+
+__all__ = ["SiteDataError", "SiteIndex", "SiteSplits", "index_site", "load_site",
+           "site_transforms", "split_patients"]
+
+# Projection radiographs have no patient geometry, and there is no GPU decoder here: both are
+# expected, so MONAI's per-file notices about them are silenced (targeted by message only).
+warnings.filterwarnings("ignore", message="PydicomReader: ImageOrientationPatient")
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+SPLITS = ("train", "val", "test")
+# Patients are dealt in this cycle after sorting by label: 60/20/20, stratified, and three patients
+# already fill all three splits.
+_DEAL = ("train", "val", "test", "train", "train")
+
+
+@dataclass(frozen=True)
+class SiteIndex:
+    """What a site holds before any pixel is transformed: labeled images with their split."""
+
+    name: str
+    files: int
+    images: list[Labeled]
+    split: dict[str, str]  # PatientID -> "train" | "val" | "test"
+    skipped: list[Skipped]
+    labels_file: Path | None
+
+    def in_split(self, split: str) -> list[Labeled]:
+        return [x for x in self.images if self.split[x.image.patient_id] == split]
+
+
+@dataclass
+class SiteSplits:
+    """Datasets of dicts {"image": [1,S,S] float32, "label": int64 (, "mask": [1,S,S] float32)}."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    skipped: list[Skipped]
+
+
+def index_site(data_dir: Path, *, labels: Path | None = None, seed: int = 0,
+               require_labels: bool = True, on_file: Callable[[], None] | None = None,
+               remember: Path | None = None) -> SiteIndex:
+    """Scan, label and split a site folder. Without a labels file (and `require_labels=False`),
+    every decodable image is indexed with label -1. `remember`: see `scan_tree`."""
+    if not data_dir.is_dir():
+        raise SiteDataError(f"site folder {data_dir} does not exist or is not a folder")
+    labels = labels or default_labels(data_dir)
+    if labels is None and require_labels:
+        raise SiteDataError(f"site folder {data_dir} has no labels.csv: add one "
+                            "(StudyInstanceUID,label) or pass --labels FILE")
+    rows, skipped = read_labels(labels) if labels else ([], [])
+    ignore = [labels] + [r.mask for r in rows if r.mask] if labels else []
+    scan = scan_tree(data_dir, ignore=ignore, on_file=on_file, remember=remember)
+    if scan.files == 0:
+        raise SiteDataError(f"site folder {data_dir} is empty: copy the site's DICOM export into it")
+    skipped = scan.skipped + skipped
+    if labels:
+        images, unlabeled = join_labels(scan.images, rows, labels)
+        skipped += unlabeled
+    else:
+        images = [Labeled(image, -1, None) for image in scan.images]
+    patient_label: dict[str, int] = {}
+    for x in images:
+        patient_label[x.image.patient_id] = max(x.label, patient_label.get(x.image.patient_id, -1))
+    return SiteIndex(data_dir.name, scan.files, images, split_patients(patient_label, seed),
+                     skipped, labels)
+
+
+def split_patients(patient_label: Mapping[str, int], seed: int) -> dict[str, str]:
+    """Assign each patient to train/val/test: deterministic for `seed`, stratified by label."""
+    rng = np.random.default_rng(seed)
+    shuffled = [sorted(patient_label)[i] for i in rng.permutation(len(patient_label))]
+    ordered = sorted(shuffled, key=lambda p: patient_label[p])  # stable: random within a class
+    return {p: _DEAL[i % len(_DEAL)] for i, p in enumerate(ordered)}
+
+
+class InvertMonochrome1d(MapTransform):
+    """Flip [0, 1] intensities of MONOCHROME1 images (stored dark-is-dense) to MONOCHROME2's sense."""
+
+    def __init__(self, keys: KeysCollection, flag_key: str = "monochrome1") -> None:
+        super().__init__(keys)
+        self.flag_key = flag_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        if d[self.flag_key]:
+            for key in self.key_iterator(d):
+                d[key] = 1.0 - d[key]  # type: ignore[operator]
+        return d
+
+
+def site_transforms(image_size: int, task: str = "classification") -> Compose:
+    """DICOM file -> normalised tensor: rescale slope/intercept (PydicomReader), window to the
+    0.5-99.5 percentiles, invert MONOCHROME1, resize. Deterministic, hence cacheable."""
+    seg = task == "segmentation"
+    spatial = ["image", "mask"] if seg else ["image"]
+    steps = [LoadImaged("image", reader=PydicomReader(swap_ij=False), image_only=True)]
+    if seg:
+        steps.append(LoadImaged("mask", reader="NumpyReader", image_only=True))
+    steps += [
+        EnsureChannelFirstd(spatial, channel_dim="no_channel"),
+        ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
+                                        clip=True),
+        InvertMonochrome1d("image"),
+        Resized(spatial, spatial_size=(image_size, image_size),
+                mode=["area", "nearest"][: len(spatial)]),
+        EnsureTyped(spatial, dtype=torch.float32, track_meta=False),
+        EnsureTyped("label", dtype=torch.int64, track_meta=False),
+        SelectItemsd([*spatial, "label"]),
+    ]
+    return Compose(steps)
+
+
+def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 64, seed: int = 0,
+              cache_dir: Path | None = None, task: str = "classification") -> SiteSplits:
+    """Index `data_dir` and build its cached train/val/test datasets.
+
+    cache_dir: keep decoded tensors (MONAI PersistentDataset) and the scan's inspections on disk,
+    so a restarted site decodes neither again; otherwise tensors are cached in memory.
+    """
+    if task not in ("classification", "segmentation"):
+        raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
+    remember = cache_dir / f"{data_dir.name}-scan.json" if cache_dir is not None else None
+    index = index_site(data_dir, labels=labels, seed=seed, remember=remember)
+    skipped = list(index.skipped)
+    images = index.images
+    if task == "segmentation":
+        for x in images:
+            if x.mask is None or not x.mask.is_file():
+                skipped.append(Skipped(str(x.image.path), f"no mask file for segmentation "
+                                                          f"({x.mask or 'no mask column'})"))
+        images = [x for x in images if x.mask is not None and x.mask.is_file()]
+    if not images:
+        reasons = Counter(s.reason.split(" (")[0].split(":")[0] for s in skipped)
+        raise SiteDataError(f"site folder {data_dir} has no usable labeled image "
+                            f"({sum(reasons.values())} skipped: {dict(reasons.most_common(3))}); "
+                            f"run `fedhealth site check {data_dir}` for details")
+    transform = site_transforms(image_size, task)
+
+    def dataset(split: str) -> Dataset:
+        items = [_item(x, task) for x in images if index.split[x.image.patient_id] == split]
+        if cache_dir is not None:
+            folder = cache_dir / f"{index.name}-{task}-{image_size}"
+            return PersistentDataset(items, transform, cache_dir=folder)
+        return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
+
+    return SiteSplits(index.name, *(dataset(s) for s in SPLITS),
+                      num_classes=max(2, max(x.label for x in images) + 1), skipped=skipped)
+
+
+def _item(x: Labeled, task: str) -> dict[str, object]:
+    item: dict[str, object] = {"image": str(x.image.path), "label": x.label,
+                               "monochrome1": x.image.monochrome1}
+    if task == "segmentation":
+        item["mask"] = str(x.mask)
+    return item
+
+
+def class_counts(index: SiteIndex) -> dict[str, dict[str, int]]:
+    """Labeled images per split and class, as the site check reports them."""
+    return {split: dict(sorted(Counter(str(x.label) for x in index.in_split(split)).items()))
+            for split in SPLITS}
+
+

@@ -1,0 +1,138 @@
+"""How a site reads the aggregator's message and words its reply, encrypted or not.
+
+Encrypted runs speak `fedhealth.crypto.messages` (E(global) in, E(a_k * shared) out). Plaintext
+runs speak Flower FedAvg's format (`arrays` + `config` in, `arrays` + `metrics` out) so they can
+be compared with the same training code. Every reply also carries the `site` record the
+ServerApp's run history reads (site name and round), never anything about patients.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedhealth.config import RunConfig
+from fedhealth.crypto.keys import SiteKey, load_site_context
+from fedhealth.crypto.layout import TensorLayout
+from fedhealth.crypto.messages import (
+    Instruction,
+    build_evaluate_reply,
+    build_reply,
+    metric_record,
+    read_instruction,
+)
+from fedhealth.run_history import SITE_RECORD
+
+Arrays = dict[str, np.ndarray]
+PLAIN_ARRAYS = "arrays"
+PLAIN_CONFIG = "config"
+PLAIN_METRICS = "metrics"
+
+
+class Exchange(Protocol):
+    """One message from the aggregator, and how to answer it."""
+
+    server_round: int
+
+    def global_shared(self, layout: TensorLayout) -> Arrays | None:
+        """The global model's shared tensors, or None when sites start from the seed."""
+
+    def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
+                    site: str) -> RecordDict:
+        """The reply carrying this site's shared tensors."""
+
+    def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
+                       site: str) -> RecordDict:
+        """The reply carrying only metrics."""
+
+
+def _with_site(content: RecordDict, site: str, server_round: int) -> RecordDict:
+    content[SITE_RECORD] = ConfigRecord({"name": site, "server-round": server_round})
+    return content
+
+
+@lru_cache(maxsize=4)
+def cached_site_key(path: Path) -> SiteKey:
+    """Load a site key once per process: parsing a TenSEAL context is not free."""
+    return load_site_context(path)
+
+
+@dataclass
+class EncryptedExchange:
+    """CKKS messages: decrypt E(global)/s here, encrypt a_k * shared before it leaves."""
+
+    key: SiteKey
+    instruction: Instruction
+
+    @classmethod
+    def read(cls, content: RecordDict, key_file: Path) -> "EncryptedExchange":
+        return cls(cached_site_key(key_file), read_instruction(content))
+
+    @property
+    def server_round(self) -> int:
+        return self.instruction.server_round
+
+    def global_shared(self, layout: TensorLayout) -> Arrays | None:
+        return self.instruction.global_tensors(self.key, layout)
+
+    def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
+                    site: str) -> RecordDict:
+        reply = build_reply(self.key, shared, self.instruction.site_weight, num_examples,
+                            metrics, site)
+        return _with_site(reply, site, self.server_round)
+
+    def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
+                       site: str) -> RecordDict:
+        reply = build_evaluate_reply(self.key, num_examples, metrics, site)
+        return _with_site(reply, site, self.server_round)
+
+
+@dataclass
+class PlaintextExchange:
+    """Flower FedAvg's messages, for the plaintext comparison runs."""
+
+    content: RecordDict
+
+    @property
+    def server_round(self) -> int:
+        return int(self.content[PLAIN_CONFIG]["server-round"])  # type: ignore[arg-type]
+
+    def global_shared(self, layout: TensorLayout) -> Arrays | None:
+        record = self.content.array_records.get(PLAIN_ARRAYS)
+        if not record:
+            return None
+        arrays = {name: array.numpy() for name, array in record.items()}
+        if TensorLayout.of(arrays).hash != layout.hash:
+            raise ValueError("the global model's tensors do not match this site's model: "
+                             "check the model and personalization policy in the run config")
+        return arrays
+
+    def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
+                    site: str) -> RecordDict:
+        reply = RecordDict({PLAIN_ARRAYS: ArrayRecord({n: Array(t) for n, t in shared.items()}),
+                            PLAIN_METRICS: metric_record(num_examples, metrics)})
+        return _with_site(reply, site, self.server_round)
+
+    def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
+                       site: str) -> RecordDict:
+        reply = RecordDict({PLAIN_METRICS: metric_record(num_examples, metrics)})
+        return _with_site(reply, site, self.server_round)
+
+
+def read_run_config(content: RecordDict) -> RunConfig:
+    """The run config every message from the aggregator carries (both exchanges send it)."""
+    if PLAIN_CONFIG not in content.config_records:
+        raise ValueError("message has no run config record: aggregator and site run "
+                         "different fedhealth versions?")
+    return RunConfig.from_flower(content.config_records[PLAIN_CONFIG])
+
+
+def read_exchange(content: RecordDict, config: RunConfig, key_file: Path) -> Exchange:
+    """The exchange a message speaks, as its run config says."""
+    if config.encrypted:
+        return EncryptedExchange.read(content, key_file)
+    return PlaintextExchange(content)

@@ -1,0 +1,307 @@
+"""A site's local training and evaluation under a personalization policy.
+
+One training loop (`_fit`) serves every policy and both baselines: policies differ only in which
+tensors they load, which parameters they train, and which anchor the proximal term pulls towards.
+"""
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+from monai.metrics import DiceMetric, compute_roc_auc
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedhealth.config import RunConfig
+from fedhealth.models import Task, build_model, model_spec
+from fedhealth.personalization import PERSONAL_MODEL_PREFIX, Partition, Policy
+
+Arrays = dict[str, np.ndarray]
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+class Splits(Protocol):
+    """What a site's data pipeline provides (sites.dataset.SiteSplits)."""
+
+    name: str
+    num_classes: int
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training knobs. `head_epochs` is FedRep's head-only phase before the body's epochs."""
+
+    local_epochs: int = 1
+    batch_size: int = 16
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    proximal_mu: float = 0.01
+    head_epochs: int = 1
+    image_size: int = 64
+    device: str = field(default_factory=default_device)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        if min(self.local_epochs, self.head_epochs, self.batch_size) < 1:
+            raise ValueError("local_epochs, head_epochs and batch_size must be at least 1")
+        if self.learning_rate <= 0 or self.proximal_mu < 0:
+            raise ValueError("learning_rate must be > 0 and proximal_mu >= 0")
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig) -> "TrainSettings":
+        return cls(local_epochs=config.local_epochs, batch_size=config.batch_size,
+                   optimizer=config.optimizer, learning_rate=config.learning_rate,
+                   proximal_mu=config.proximal_mu, image_size=config.image_size)
+
+
+@dataclass(frozen=True)
+class RoundOutput:
+    """What one local round produces: `shared` is encrypted and sent, `personal` stays on site."""
+
+    shared: Arrays
+    personal: Arrays
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def local_round(policy: Policy, model_name: str, *, global_shared: Mapping[str, np.ndarray] | None,
+                personal: Mapping[str, np.ndarray] | None, splits: Splits, settings: TrainSettings,
+                seed: int, server_round: int = 1) -> RoundOutput:
+    """Train one round on `splits.train` from the received global and this site's personal tensors.
+
+    `seed` is the run's seed (every site builds the same round-1 model from it); shuffling is seeded
+    from (seed, server_round) so a run is reproducible on CPU. `global_shared=None` means round 1.
+    """
+    _require_examples(splits, "train")
+    model, partition = _assemble(policy, model_name, global_shared, personal, splits.num_classes,
+                                 settings, seed)
+    received = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    params = [n for n, _ in model.named_parameters()]
+    pull = {n: received[n] for n in params}  # the proximal anchor: the received global weights
+    task = model_spec(model_name).task
+    fit_seed = seed * 100_003 + server_round
+    metrics: dict[str, float] = {}
+    if policy.head_first:
+        head = [n for n in partition.personal if n in params]
+        metrics["head_train_loss"] = _fit(model, splits.train, settings, task,
+                                          epochs=settings.head_epochs, seed=fit_seed, trainable=head)
+        body = [n for n in partition.shared if n in params]
+        metrics["train_loss"] = _fit(model, splits.train, settings, task,
+                                     epochs=settings.local_epochs, seed=fit_seed, trainable=body)
+    else:
+        metrics["train_loss"] = _fit(model, splits.train, settings, task,
+                                     epochs=settings.local_epochs, seed=fit_seed,
+                                     anchor=pull if policy.proximal else None)
+    shared, kept = partition.split(_to_numpy(model.state_dict()))
+    if policy.personal_model:
+        mine = _personal_model(model_name, personal, received, splits.num_classes, settings, seed)
+        metrics["personal_train_loss"] = _fit(mine, splits.train, settings, task,
+                                              epochs=settings.local_epochs, seed=fit_seed,
+                                              anchor=pull)
+        kept |= {PERSONAL_MODEL_PREFIX + n: t for n, t in _to_numpy(mine.state_dict()).items()}
+    return RoundOutput(shared=shared, personal=kept, num_examples=len(splits.train),
+                       metrics=metrics)
+
+
+def evaluate_site(policy: Policy, model_name: str, *,
+                  global_shared: Mapping[str, np.ndarray] | None,
+                  personal: Mapping[str, np.ndarray] | None, splits: Splits,
+                  settings: TrainSettings, split: str = "test", seed: int = 0) -> dict[str, float]:
+    """Metrics of the site's model on one of its own splits.
+
+    The site's model is global shared + personal tensors; under Ditto it is the personal model once
+    one exists (before the first round, the global one).
+    """
+    dataset = _require_examples(splits, split)
+    if policy.personal_model and personal and _has_personal_model(personal):
+        model = _personal_model(model_name, personal, {}, splits.num_classes, settings, seed)
+    else:
+        model, _ = _assemble(policy, model_name, global_shared, personal, splits.num_classes,
+                             settings, seed)
+    return evaluate_model(model, dataset, settings, model_spec(model_name).task)
+
+
+def train_centrally(model_name: str, dataset: Dataset, settings: TrainSettings, *,
+                    num_classes: int, seed: int, epochs: int) -> nn.Module:
+    """Train one model on one dataset: the `local` (one site) and `pooled` (all sites) baselines."""
+    model = build_model(model_name, num_classes=num_classes, image_size=settings.image_size,
+                        seed=seed).to(settings.device)
+    _fit(model, dataset, settings, model_spec(model_name).task, epochs=epochs, seed=seed)
+    return model
+
+
+def evaluate_model(model: nn.Module, dataset: Dataset, settings: TrainSettings,
+                   task: Task = "classification") -> dict[str, float]:
+    """Loss and task metrics of `model` on `dataset` (see `classification_metrics`)."""
+    model.eval()
+    loss_fn = _loss(task)
+    losses, outputs, targets = [], [], []
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=settings.batch_size, num_workers=0):
+            x, y = _inputs(batch, task, settings.device)
+            out = model(x)
+            losses.append(loss_fn(out, y).item() * len(x))
+            outputs.append(out.cpu())
+            targets.append(y.cpu())
+    out, y = torch.cat(outputs), torch.cat(targets)
+    metrics = classification_metrics(out, y) if task == "classification" else _dice(out, y)
+    return {**metrics, "loss": sum(losses) / len(y), "num-examples": float(len(y))}
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean recall over the classes present) and macro one-vs-rest AUC.
+
+    AUC is defined only for classes that occur in `labels` alongside other classes; when no class
+    qualifies (a split holding one class), AUC is reported as 0.5 (no discrimination shown) and
+    `auc_defined` as 0.0, so means across sites stay finite and the gap stays visible.
+    """
+    predicted = logits.argmax(dim=1)
+    present = labels.unique()
+    recalls = [(predicted[labels == c] == c).float().mean().item() for c in present]
+    onehot = nn.functional.one_hot(labels, logits.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns for each class that is absent, as intended
+        per_class = compute_roc_auc(logits.softmax(dim=1), onehot, average="none")
+    defined = [a for a in per_class if not np.isnan(a)]
+    return {"accuracy": (predicted == labels).float().mean().item(),
+            "balanced_accuracy": float(np.mean(recalls)),
+            "auc": float(np.mean(defined)) if defined else 0.5,
+            "auc_defined": float(bool(defined))}
+
+
+def _dice(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    # An image with an empty mask scores 1 if nothing is predicted, else 0 (ignore_empty=False).
+    classes = logits.shape[1]
+    predicted = nn.functional.one_hot(logits.argmax(dim=1), classes).movedim(-1, 1)
+    truth = nn.functional.one_hot(masks[:, 0].long(), classes).movedim(-1, 1)
+    dice = DiceMetric(include_background=False, ignore_empty=False)(predicted, truth)
+    return {"dice": dice.mean().item()}
+
+
+def _fit(model: nn.Module, dataset: Dataset, settings: TrainSettings, task: Task, *, epochs: int,
+         seed: int, trainable: Iterable[str] | None = None,
+         anchor: Mapping[str, torch.Tensor] | None = None) -> float:
+    """Train `model` in place; returns the mean loss of the last epoch.
+
+    trainable: parameter names to update (the rest are frozen); all when None.
+    anchor: adds proximal_mu/2 * ||w - anchor||^2 over the anchored parameters (FedProx, Ditto).
+    """
+    names = set(trainable) if trainable is not None else None
+    params = [p for n, p in model.named_parameters() if names is None or n in names]
+    frozen = [p for n, p in model.named_parameters() if names is not None and n not in names]
+    for p in frozen:
+        p.requires_grad_(False)
+    anchored = [(p, anchor[n]) for n, p in model.named_parameters() if anchor and n in anchor]
+    optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.learning_rate)
+    loss_fn = _loss(task)
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
+                                num_workers=0, generator=torch.Generator().manual_seed(seed))
+            for _ in range(epochs):
+                total, count = 0.0, 0
+                for batch in loader:
+                    x, y = _inputs(batch, task, settings.device)
+                    loss = loss_fn(model(x), y)
+                    total, count = total + loss.item() * len(x), count + len(x)
+                    if anchored:
+                        loss = loss + settings.proximal_mu / 2 * sum(
+                            (p - a).pow(2).sum() for p, a in anchored)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return total / count
+
+
+def _assemble(policy: Policy, model_name: str, global_shared: Mapping[str, np.ndarray] | None,
+              personal: Mapping[str, np.ndarray] | None, num_classes: int,
+              settings: TrainSettings, seed: int) -> tuple[nn.Module, Partition]:
+    """The seed's model with the received shared tensors and the site's personal ones loaded."""
+    model = build_model(model_name, num_classes=num_classes, image_size=settings.image_size,
+                        seed=seed)
+    partition = policy.partition(model)
+    if global_shared is not None:
+        _load(model, global_shared, partition.shared, "the global model")
+    if personal:
+        # Names a site does not hold yet (it joined late) keep the seed's initial values.
+        held = tuple(n for n in partition.personal if n in personal)
+        _load(model, {n: personal[n] for n in held}, held, "this site's personal tensors")
+    return model.to(settings.device), partition
+
+
+def _personal_model(model_name: str, personal: Mapping[str, np.ndarray] | None,
+                    start: Mapping[str, torch.Tensor], num_classes: int, settings: TrainSettings,
+                    seed: int) -> nn.Module:
+    """Ditto's personal model: the stored one, or on first use the received global (`start`)."""
+    model = build_model(model_name, num_classes=num_classes, image_size=settings.image_size,
+                        seed=seed)
+    if personal and _has_personal_model(personal):
+        stored = {n[len(PERSONAL_MODEL_PREFIX):]: t for n, t in personal.items()
+                  if n.startswith(PERSONAL_MODEL_PREFIX)}
+        _load(model, stored, tuple(model.state_dict()), "this site's Ditto model")
+    else:
+        model.load_state_dict(start)
+    return model.to(settings.device)
+
+
+def _has_personal_model(personal: Mapping[str, np.ndarray]) -> bool:
+    return any(n.startswith(PERSONAL_MODEL_PREFIX) for n in personal)
+
+
+def _load(model: nn.Module, tensors: Mapping[str, np.ndarray], expected: tuple[str, ...],
+          what: str) -> None:
+    """Copy `tensors` (exactly the `expected` names) into `model`, refusing what does not fit."""
+    missing = [n for n in expected if n not in tensors]
+    unexpected = [n for n in tensors if n not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{what} does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (same model name and policy everywhere?)")
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if tuple(state[name].shape) != tuple(np.shape(value)):
+                raise ValueError(f"{what}: {name} has shape {tuple(np.shape(value))}, "
+                                 f"the model expects {tuple(state[name].shape)}")
+            state[name].copy_(torch.as_tensor(np.asarray(value)))
+
+
+def _to_numpy(state: Mapping[str, torch.Tensor]) -> Arrays:
+    return {n: t.detach().cpu().numpy().copy() for n, t in state.items()}
+
+
+def _inputs(batch: Mapping[str, torch.Tensor], task: Task,
+            device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    target = batch["label"] if task == "classification" else batch["mask"]
+    return batch["image"].to(device), target.to(device)
+
+
+def _loss(task: Task) -> nn.Module:
+    if task == "classification":
+        return nn.CrossEntropyLoss()
+    return DiceLoss(to_onehot_y=True, softmax=True)
+
+
+def _require_examples(splits: Splits, split: str) -> Dataset:
+    dataset = getattr(splits, split)
+    if len(dataset) == 0:
+        raise ValueError(f"site {splits.name!r}: the {split} split is empty; "
+                         "check its data folder with `fedhealth site check`")
+    return dataset
