@@ -1,0 +1,100 @@
+"""The strategy grid behind `fedhealth compare`: federated runs plus local and pooled baselines.
+
+Federated strategies run in Flower's simulation engine, encrypted (and optionally plaintext).
+The two baselines bracket them: `local` trains each hospital alone, `pooled` trains centrally on
+every hospital's training split (the upper bound no privacy rule would allow). All are scored
+on each site's own test split with the same training schedule (rounds x local epochs).
+"""
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset, Dataset
+
+from fedhealth.config import RunConfig
+from fedhealth.crypto.keys import init_key_files
+from fedhealth.models import model_spec
+from fedhealth.personalization import POLICY_NAMES
+from fedhealth.run_history import EVALUATION_METRICS, mean_metrics, write_json_atomically
+from fedhealth.simulation import simulate
+from sites.dataset import SiteSplits, load_site
+from sites.site_settings import simulated_site_dirs
+from sites.training import TrainSettings, evaluate_model, train_centrally
+
+BASELINES = ("local", "pooled")
+STRATEGY_NAMES = (*BASELINES, *POLICY_NAMES)
+
+
+def parse_strategies(names: str) -> list[str]:
+    """Split a comma list and refuse unknown names up front, before any run starts."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in STRATEGY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGY_NAMES)}")
+    return chosen
+
+
+def _train_and_score(train: Dataset, test_sites: Sequence[SiteSplits], config: RunConfig
+                     ) -> dict[str, dict[str, float]]:
+    """One model trained on `train` for as many epochs as a federated run gets, scored per site."""
+    settings = TrainSettings.from_run_config(config)
+    task = model_spec(config.model).task
+    model = train_centrally(config.model, train, settings, num_classes=test_sites[0].num_classes,
+                            seed=config.seed,
+                            epochs=config.num_server_rounds * config.local_epochs)
+    scores = {}
+    for site in test_sites:
+        metrics = evaluate_model(model, site.test, settings, task)
+        scores[site.name] = {k: metrics[k] for k in EVALUATION_METRICS if k in metrics}
+    return scores
+
+
+def run_baseline(name: str, sites: Sequence[SiteSplits], config: RunConfig) -> dict[str, object]:
+    """`local`: each site trains alone; `pooled`: one model on all training splits."""
+    started = time.perf_counter()
+    if name == "local":
+        per_site = {s.name: _train_and_score(s.train, [s], config)[s.name] for s in sites}
+    else:
+        per_site = _train_and_score(ConcatDataset([s.train for s in sites]), sites, config)
+    return {"strategy": name, "encrypted": None, "rounds": config.num_server_rounds,
+            "per_site": per_site, "mean": mean_metrics(per_site),
+            "seconds": time.perf_counter() - started, "uplink_bytes_per_round": 0}
+
+
+def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfig, *,
+            repeats: int = 1, plaintext_too: bool = False,
+            on_run: Callable[[str], None] = lambda label: None) -> dict[str, object]:
+    """Run every strategy on the federation in `data_dir`, with seeds base.seed .. +repeats-1.
+
+    A seed sets the patient split, the initial model and the shuffles; every strategy gets the
+    same ones, so differences between rows are the strategies'. Writes and returns
+    `{"runs": [...]}`, one entry per strategy, mode and seed.
+    """
+    work = out.parent / f"{out.stem}-runs"
+    key_dir = work / "keys"
+    if not (key_dir / "aggregator.ctx").exists():
+        init_key_files(key_dir, base.crypto_preset)
+    site_dirs = simulated_site_dirs(data_dir)
+    runs: list[dict[str, object]] = []
+    for seed in range(base.seed, base.seed + repeats):
+        config = replace(base, seed=seed, data_dir=str(data_dir), key_dir=str(key_dir))
+        for name in strategies:
+            if name in BASELINES:
+                on_run(f"{name} (seed {seed})")
+                sites = [load_site(d, image_size=config.image_size, seed=seed,
+                                   task=model_spec(config.model).task) for d in site_dirs]
+                runs.append({**run_baseline(name, sites, config), "seed": seed})
+                continue
+            for encrypted in (True, False) if plaintext_too else (True,):
+                tag = f"{name}-{'encrypted' if encrypted else 'plaintext'}-seed{seed}"
+                on_run(tag)
+                shutil.rmtree(work / tag, ignore_errors=True)  # our scratch: re-runs start afresh
+                run_config = replace(config, policy=name, encrypted=encrypted,
+                                     out_dir=str(work / tag), state_dir=str(work / tag / "state"))
+                runs.append({**simulate(run_config), "seed": seed})
+    results = {"runs": runs}
+    write_json_atomically(out, results)
+    return results

@@ -1,0 +1,160 @@
+"""The deployment commands: `federation init|start|run` and `site start`.
+
+Each one checks everything it can before starting a long-lived process and exits with a
+message that names the file and the fix; a running process is stopped with its children.
+"""
+
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedhealth.deployment import launch, pki
+from fedhealth.deployment.bundles import (
+    BundleError,
+    CoordinatorBundle,
+    init_federation,
+    parse_sites,
+)
+from fedhealth.deployment.site_config import SiteConfigError, load_site_config, preflight
+
+console = Console(stderr=True)
+_SITE_HINT = ("'Failed to activate SuperNode' above means the coordinator has not registered this "
+              "site's node.pub; 'CERTIFICATE_VERIFY_FAILED' means ca.pem is not the CA that "
+              "issued the SuperLink's certificate; a connection error means the SuperLink is "
+              "not reachable at [superlink] address.")
+_NOTEWORTHY = ("failure", "error", "unavailable", "excluded", "warning", "results written")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(code)
+
+
+def _supervise(command: list[str], env: dict[str, str], name: str,
+               after_start: Callable[[subprocess.Popen], None] | None = None,
+               hint: str = "") -> None:
+    """Run `command` in the foreground; SIGINT/SIGTERM stop it (and its children) cleanly."""
+    process = subprocess.Popen(command, env=env)
+
+    def stop(signum: int, _frame: object) -> None:
+        process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        if after_start is not None:
+            after_start(process)
+        code = process.wait()
+    except BaseException:
+        process.terminate()
+        process.wait(timeout=30)
+        raise
+    if code not in (0, -signal.SIGTERM):
+        raise _fail(f"{name} exited with code {code}. {hint}".strip(), code=1)
+
+
+def federation_init(
+    name: Annotated[str, typer.Option(help="Federation name (goes into the CA's subject).")],
+    sites: Annotated[str, typer.Option(help="Comma-separated site names, e.g. a,b,c.")],
+    superlink: Annotated[str, typer.Option(help="HOST:PORT sites will reach the SuperLink at; "
+                                                "HOST goes into the certificate's SAN.")],
+    out: Annotated[Path, typer.Option(help="New folder for the CA, coordinator and site "
+                                           "bundles (keep it out of the app folder).")],
+    preset: Annotated[str, typer.Option(help="CKKS preset for the federation key.")] = "default",
+) -> None:
+    """Write one bundle per site and one for the coordinator (certificates, keys, site.toml)."""
+    try:
+        bundle = init_federation(name, parse_sites(sites), superlink, out, preset)
+    except (BundleError, ValueError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"federation [bold]{name}[/bold]: key fingerprint {bundle.fingerprint}")
+    console.print(f"  coordinator: {bundle.root}  (run `fedhealth federation start --dir "
+                  f"{bundle.root}`)")
+    for site in bundle.sites:
+        console.print(f"  site {site}: {out / site}  (give this folder to the site; it holds "
+                      "its secret keys)")
+    console.print(f"  CA key: {out / 'ca'}  (keep offline; needed only to re-issue certificates)")
+
+
+def federation_start(
+    dir: Annotated[Path, typer.Option("--dir", help="The coordinator folder.")],
+    bind: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for the SuperLink.")] = 60,
+) -> None:
+    """Run the SuperLink with TLS and SuperNode authentication, the sites' keys registered."""
+    try:
+        bundle = CoordinatorBundle.load(dir)
+        pki.check_private_file(bundle.server_key, "SuperLink private key")
+        pki.check_server_cert(bundle.server_cert, pki.load_ca_cert(bundle.ca_cert))
+    except (BundleError, pki.PkiError) as err:
+        raise _fail(str(err)) from None
+
+    def register(process: subprocess.Popen) -> None:
+        try:
+            launch.wait_until_ready(bundle.superlink, bundle.ca_cert, ready_timeout, process)
+            registered = launch.register_sites(bundle)
+        except launch.LaunchError as err:
+            raise _fail(str(err), code=1) from None
+        for site, node in registered.items():
+            console.print(f"site {site}: {node}")
+        console.print(f"[green]SuperLink ready[/green] at {bundle.superlink} "
+                      f"(sites: {', '.join(bundle.sites)})")
+
+    _supervise(launch.superlink_command(bundle, bind), launch.coordinator_env(bundle),
+               "flower-superlink", register)
+
+
+def federation_run(
+    dir: Annotated[Path, typer.Option("--dir", help="The coordinator folder.")],
+    run_config: Annotated[list[str] | None, typer.Option(
+        "--run-config", help="Overrides, e.g. 'num-server-rounds=2 min-sites=2'.")] = None,
+    app: Annotated[Path | None, typer.Option(
+        help="Flower App folder (default: fedhealth's).")] = None,
+) -> None:
+    """Submit the app to the SuperLink (`flwr run`) and follow its rounds to the end."""
+    try:
+        bundle = CoordinatorBundle.load(dir)
+        run_id = launch.submit_run(bundle, app or launch.default_app_dir(), run_config or [])
+    except (BundleError, launch.LaunchError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"run {run_id} submitted; results go to {bundle.results_dir}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("rounds"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"run {run_id}", total=None)
+        for line in launch.stream_log(bundle, run_id):
+            if match := launch.ROUND_LINE.search(line):
+                progress.update(task, completed=int(match[1]) - 1, total=int(match[2]))
+            elif any(word in line.lower() for word in _NOTEWORTHY):
+                progress.console.print(line.rstrip())
+        status = launch.run_status(bundle, run_id)
+        if status == "finished:completed":
+            progress.update(task, completed=progress.tasks[0].total or 0)
+    if status != "finished:completed":
+        raise _fail(f"run {run_id} ended as '{status}'; see `flwr log {run_id}` with "
+                    f"FLWR_HOME={bundle.root / 'flwr-home'}", code=1)
+    console.print(f"[green]run {run_id} completed[/green]; results in {bundle.results_dir}")
+
+
+def site_start(
+    config: Annotated[Path, typer.Option(help="The site's site.toml.")],
+    max_wait: Annotated[float | None, typer.Option(
+        help="Give up after this many seconds without reaching the SuperLink.")] = None,
+) -> None:
+    """Check config and data, then run this site's SuperNode (TLS + node authentication)."""
+    try:
+        site = load_site_config(config)
+        report = preflight(site)
+    except SiteConfigError as err:
+        raise _fail(str(err)) from None
+    console.print(f"site {site.name}: {report.images} images, {report.patients} patients, "
+                  f"{len(report.skipped)} files skipped; connecting to {site.superlink}")
+    _supervise(launch.supernode_command(site, max_wait), launch.site_env(site),
+               "flower-supernode", hint=_SITE_HINT)

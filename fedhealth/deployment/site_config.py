@@ -1,0 +1,119 @@
+"""site.toml: the one file hospital IT edits, parsed and checked before a SuperNode starts.
+
+Every problem is reported with the field, the file and what to do, so a site fails at
+`fedhealth site start` instead of minutes later inside a round.
+"""
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedhealth.crypto.keys import KeyFileError, load_site_context
+from fedhealth.deployment import pki
+from fedhealth.deployment.bundles import BundleError, split_address
+from sites.dataset import SiteDataError
+from sites.site_check import SiteReport, check_site
+
+
+class SiteConfigError(ValueError):
+    """site.toml is unparsable, misses a field, or points at an unusable file."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A parsed site.toml with every path made absolute."""
+
+    source: Path
+    name: str
+    data_dir: Path
+    labels: Path | None
+    state_dir: Path
+    audit_log: Path
+    superlink: str
+    ca_cert: Path
+    node_private_key: Path
+    he_context: Path
+    runtime_port: int
+
+    def node_config(self) -> str:
+        """Flower `--node-config` string: what the ClientApp reads from `context.node_config`."""
+        values = {"site-name": self.name, "data-dir": self.data_dir, "state-dir": self.state_dir,
+                  "key-file": self.he_context, "audit-log": self.audit_log}
+        if self.labels:
+            values["labels"] = self.labels
+        return " ".join(f'{key}="{value}"' for key, value in values.items())
+
+
+def _field(table: dict[str, object], section: str, key: str, source: Path,
+           kind: type = str, required: bool = True) -> object:
+    value = table.get(section, {}).get(key) if isinstance(table.get(section), dict) else None
+    if value is None or value == "":
+        if required:
+            raise SiteConfigError(f"{source}: [{section}] {key} is not set; fill it in "
+                                  "(see sites/README.md)")
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise SiteConfigError(f"{source}: [{section}] {key} must be a {kind.__name__}, got "
+                              f"{value!r}")
+    return value
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Parse site.toml; relative paths are relative to its folder."""
+    if not path.is_file():
+        raise SiteConfigError(f"site config '{path}' does not exist")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SiteConfigError(f"{path} is not valid TOML: {err}") from err
+    base = path.resolve().parent
+
+    def path_of(section: str, key: str, required: bool = True) -> Path | None:
+        value = _field(table, section, key, path, required=required)
+        return (base / str(value)).resolve() if value is not None else None
+
+    data_dir = path_of("site", "data-dir")
+    superlink = str(_field(table, "superlink", "address", path))
+    try:
+        split_address(superlink)
+    except BundleError as err:
+        raise SiteConfigError(f"{path}: [superlink] address: {err}") from err
+    runtime_port = _field(table, "supernode", "runtime-port", path, kind=int, required=False)
+    return SiteConfig(
+        source=path.resolve(),
+        name=str(_field(table, "site", "name", path)),
+        data_dir=data_dir,  # type: ignore[arg-type]
+        labels=path_of("site", "labels", required=False),
+        state_dir=path_of("site", "state-dir"),  # type: ignore[arg-type]
+        audit_log=path_of("site", "audit-log"),  # type: ignore[arg-type]
+        superlink=superlink,
+        ca_cert=path_of("superlink", "ca-cert"),  # type: ignore[arg-type]
+        node_private_key=path_of("keys", "node-private-key"),  # type: ignore[arg-type]
+        he_context=path_of("keys", "he-context"),  # type: ignore[arg-type]
+        runtime_port=9094 if runtime_port is None else int(runtime_port),  # type: ignore[arg-type]
+    )
+
+
+def preflight(config: SiteConfig) -> SiteReport:
+    """Check certificates, key files and permissions, then the data (the site check).
+
+    Returns the site check's report; raises SiteConfigError on anything that would stop
+    the site from joining or training.
+    """
+    try:
+        pki.load_ca_cert(config.ca_cert)
+        pki.load_node_private_key(config.node_private_key)
+        pki.check_private_file(config.he_context, "CKKS secret context")
+        load_site_context(config.he_context)
+    except (pki.PkiError, KeyFileError) as err:
+        raise SiteConfigError(f"{config.source}: {err}") from err
+    try:
+        report = check_site(config.data_dir, config.labels)
+    except SiteDataError as err:
+        raise SiteConfigError(f"{config.source}: [site] data-dir: {err}") from err
+    if report.images == 0:
+        raise SiteConfigError(f"{config.source}: no usable labeled image in {config.data_dir} "
+                              f"({len(report.skipped)} files skipped); run `fedhealth site "
+                              f"check {config.data_dir}` to see why")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    return report

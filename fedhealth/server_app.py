@@ -1,0 +1,96 @@
+"""The ServerApp: composes a strategy from the run config and runs the federation.
+
+Encrypted runs use `strategies.EncryptedFedAvg` with the aggregator's params-only key; plaintext
+runs use Flower's own FedAvg, so the two are directly comparable. Either way the aggregator
+holds no plaintext model in encrypted mode: round 1 starts from the seed every site derives.
+"""
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedhealth.config import ConfigError, RunConfig
+from fedhealth.crypto.aggregator_key import load_aggregator_context
+from fedhealth.models import build_model
+from fedhealth.personalization import get_policy
+from fedhealth.run_history import RunHistory, write_json_atomically
+from strategies.encrypted_fedavg import EncryptedFedAvg
+
+AGGREGATOR_KEY_FILE = "aggregator.ctx"
+RESULTS_FILE = "results.json"
+
+
+def seed_shared_arrays(config: RunConfig) -> ArrayRecord:
+    """The round-1 shared tensors every site derives from the seed (plaintext mode only)."""
+    model = build_model(config.model, image_size=config.image_size, seed=config.seed)
+    shared, _ = get_policy(config.policy).partition(model).split(model.state_dict())
+    return ArrayRecord({name: Array(tensor.numpy()) for name, tensor in shared.items()})
+
+
+def build_strategy(config: RunConfig, history: RunHistory) -> tuple[Strategy, ArrayRecord]:
+    """The strategy for this run and the arrays it starts from."""
+    common = dict(
+        fraction_train=config.fraction_train,
+        min_train_nodes=config.min_sites,
+        min_evaluate_nodes=config.min_sites,
+        min_available_nodes=config.min_sites,
+        train_metrics_aggr_fn=history.aggregate_train,
+        evaluate_metrics_aggr_fn=history.aggregate_evaluate,
+    )
+    if not config.encrypted:
+        return FedAvg(**common), seed_shared_arrays(config)
+    if not config.key_dir:
+        raise ConfigError("encrypted runs need run config 'key-dir': a folder holding the "
+                          "aggregator.ctx written by `fedhealth keys init --out DIR`")
+    key = load_aggregator_context(Path(config.key_dir) / AGGREGATOR_KEY_FILE)
+    checkpoint_dir = Path(config.out_dir) / "checkpoint" if config.out_dir else None
+    strategy = EncryptedFedAvg(key, uniform_weights=config.uniform_weights,
+                               checkpoint_dir=checkpoint_dir, resume=config.resume, **common)
+    return strategy, strategy.initial_arrays()
+
+
+def evaluate_round_zero(strategy: Strategy, grid: Grid, arrays: ArrayRecord,
+                        config: RunConfig) -> None:
+    """Evaluate the starting model on every site, so later rounds have a baseline."""
+    replies = grid.send_and_receive(
+        strategy.configure_evaluate(0, arrays, config.to_record(), grid))
+    if strategy.aggregate_evaluate(0, replies) is None:
+        log(WARNING, "Round 0 evaluation got no valid reply")
+
+
+def run_federation(grid: Grid, config: RunConfig) -> dict[str, object]:
+    """Run all rounds, then write and return the results (per-site metrics, timing, bytes)."""
+    history = RunHistory()
+    strategy, arrays = build_strategy(config, history)
+    started = time.perf_counter()
+    if not config.resume:
+        evaluate_round_zero(strategy, grid, arrays, config)
+    strategy.start(grid, arrays, num_rounds=config.num_server_rounds,
+                   train_config=config.to_record(), evaluate_config=config.to_record())
+    results = {"strategy": config.policy, "encrypted": config.encrypted,
+               "rounds": config.num_server_rounds,
+               "seconds": time.perf_counter() - started, **history.to_json()}
+    if config.out_dir:
+        path = Path(config.out_dir) / RESULTS_FILE
+        write_json_atomically(path, results)
+        log(INFO, "Results written to %s", path)
+    return results
+
+
+def server_app(config: RunConfig | None = None) -> ServerApp:
+    """A ServerApp for `config`, or for the run config Flower passes (`flwr run`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config or RunConfig.from_flower(context.run_config))
+
+    return app
+
+
+app = server_app()
