@@ -1,0 +1,233 @@
+"""A real federation on 127.0.0.1: `fedhealth federation start`, three `fedhealth site start`,
+`fedhealth federation run`, all as separate processes with TLS and SuperNode authentication.
+
+One encrypted 2-round run covers the main path and the dropout (a site is SIGKILLed as round 2
+begins); refusals of an unregistered key and of a client without the federation CA run against
+the same SuperLink. Every coordinator-side Python process runs with an audit hook that records
+each `*.ctx` file it opens, so the test can show the ServerApp only ever read aggregator.ctx.
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fedhealth.deployment import launch, pki
+from fedhealth.deployment.bundles import CoordinatorBundle, init_federation
+from fedhealth.synth.federation import synthesize_federation
+from sites.audit import AuditLog
+
+pytestmark = pytest.mark.slow
+
+SITES = ["a", "b", "c"]
+FEDHEALTH = [sys.executable, "-c", "from fedhealth.cli import app; app()"]
+CTX_HOOK = '''import os, sys
+def _hook(event, args):
+    path = args[0] if event == "open" else None
+    if isinstance(path, (str, os.PathLike)) and str(path).endswith(".ctx"):
+        with open(os.environ["FEDHEALTH_CTX_LOG"], "a") as log:
+            log.write(f"{' '.join(sys.orig_argv)}\\t{os.path.abspath(path)}\\n")
+if os.environ.get("FEDHEALTH_CTX_LOG"):
+    sys.addaudithook(_hook)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Processes:
+    """Every process the test starts, each in its own session; all stopped at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Path:
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as out:
+            self.started[name] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                                  env=env, start_new_session=True)
+        return log
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.started[name].pid, sig)
+
+    def stop_all(self) -> None:
+        for name in self.started:
+            self.kill(name, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for name, process in self.started.items():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(name)
+                process.wait(timeout=10)
+
+
+def set_on_line(event: threading.Event, lines: Iterator[str], marker: str) -> None:
+    for line in lines:
+        if marker in line:
+            event.set()
+            return
+
+
+def site_toml(bundle_dir: Path, data_dir: Path, runtime_port: int) -> Path:
+    path = bundle_dir / "site.toml"
+    text = path.read_text().replace('data-dir = ""', f'data-dir = "{data_dir}"')
+    path.write_text(text.replace("runtime-port = 9094", f"runtime-port = {runtime_port}"))
+    return path
+
+
+class Federation:
+    def __init__(self, root: Path, processes: Processes) -> None:
+        self.root = root
+        self.processes = processes
+        self.coordinator = CoordinatorBundle.load(root / "fed" / "coordinator")
+        self.ctx_log = root / "ctx-opens.log"
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / "fed" / site
+
+    def log(self, name: str) -> str:
+        return (self.processes.logs / f"{name}.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("e2e")
+    synthesize_federation(root / "data", sites=len(SITES), seed=11, images_per_site=16)
+    init_federation("e2e", SITES, f"127.0.0.1:{free_port()}", root / "fed")
+    (root / "hook").mkdir()
+    (root / "hook" / "sitecustomize.py").write_text(CTX_HOOK)
+    (root / "logs").mkdir()
+    processes = Processes(root / "logs")
+    fed = Federation(root, processes)
+    try:
+        coordinator_env = {**os.environ, "PYTHONPATH": str(root / "hook"),
+                           "FEDHEALTH_CTX_LOG": str(fed.ctx_log)}
+        processes.start("coordinator", [*FEDHEALTH, "federation", "start", "--dir",
+                                        str(fed.coordinator.root), "--bind", "127.0.0.1"],
+                        env=coordinator_env)
+        wait_for(lambda: "SuperLink ready" in fed.log("coordinator"), 120, "the SuperLink")
+        for k, site in enumerate(SITES):
+            config = site_toml(fed.site_dir(site), root / "data" / f"hospital-{k + 1}",
+                               free_port())
+            processes.start(site, [*FEDHEALTH, "site", "start", "--config", str(config)])
+        for site in SITES:
+            wait_for(lambda site=site: "SuperNode ID" in fed.log(site), 120, f"site {site} to connect")
+        yield fed
+    finally:
+        processes.stop_all()
+
+
+def refused_site(fed: Federation, name: str, change: Callable[[Path], None]) -> str:
+    """Start a copy of site a's bundle, changed by `change`; return its output once it exits."""
+    bundle = fed.root / name
+    shutil.copytree(fed.site_dir("a"), bundle, ignore=shutil.ignore_patterns("state", "*.jsonl"))
+    change(bundle)
+    config = bundle / "site.toml"
+    text = config.read_text().replace(str(fed.site_dir("a")), str(bundle))
+    config.write_text(re.sub(r"runtime-port = \d+", f"runtime-port = {free_port()}", text))
+    fed.processes.start(name, [*FEDHEALTH, "site", "start", "--config", str(config),
+                               "--max-wait", "20"])
+    fed.processes.started[name].wait(timeout=120)
+    return fed.log(name)
+
+
+def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
+    def new_key(bundle: Path) -> None:
+        private, public = pki.make_node_keypair()
+        pki.write_secret(bundle / "node.key", private)
+        pki.write_public(bundle / "node.pub", public)
+
+    output = refused_site(federation, "intruder", new_key)
+    assert federation.processes.started["intruder"].returncode != 0
+    assert "Failed to activate SuperNode" in output
+    assert "SuperNode ID" not in output
+
+
+def test_client_without_the_federation_ca_cannot_connect(federation: Federation) -> None:
+    def other_ca(bundle: Path) -> None:
+        pki.write_public(bundle / "ca.pem", pki.cert_pem(pki.make_ca("elsewhere")[1]))
+
+    output = refused_site(federation, "wrong-ca", other_ca)
+    assert federation.processes.started["wrong-ca"].returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in output and "SuperNode ID" not in output
+
+    # And Flower's own SuperNode with no root certificate at all (system trust store only).
+    config = federation.site_dir("a")
+    federation.processes.start("no-ca", [
+        launch.executable("flower-supernode"), "--superlink", federation.coordinator.superlink,
+        "--auth-supernode-private-key", str(config / "node.key"), "--port", str(free_port()),
+        "--max-retries", "2", "--max-wait-time", "20"],
+        env=launch.flower_env(federation.root / "no-ca"))
+    federation.processes.started["no-ca"].wait(timeout=120)
+    assert "CERTIFICATE_VERIFY_FAILED" in federation.log("no-ca")
+
+
+def test_encrypted_run_survives_a_site_killed_in_round_2(federation: Federation) -> None:
+    audit = {site: AuditLog(federation.site_dir(site) / "audit.jsonl") for site in SITES}
+
+    def sent(site: str, kind: str, server_round: int) -> bool:
+        return any(e["kind"] == kind and e["round"] == server_round
+                   for e in audit[site].entries())
+
+    federation.processes.start("run", [*FEDHEALTH, "federation", "run", "--dir",
+                                       str(federation.coordinator.root), "--run-config",
+                                       "num-server-rounds=2 min-sites=2"])
+    wait_for(lambda: " submitted" in federation.log("run"), 120, "the run to be submitted")
+    run_id = int(federation.log("run").split("run ", 1)[1].split()[0])
+    # Kill site c as the ServerApp starts round 2 (SIGKILL: no goodbye to the SuperLink, like
+    # a crash or a power cut); it is still training when the round's messages go out.
+    round_2 = threading.Event()
+    lines = launch.stream_log(federation.coordinator, run_id)
+    threading.Thread(target=set_on_line, args=(round_2, lines, "[ROUND 2/2]"),
+                     daemon=True).start()
+    assert round_2.wait(timeout=240), "round 2 never started"
+    federation.processes.kill("c")
+    federation.processes.started["run"].wait(timeout=240)
+    output = federation.log("run")
+    assert federation.processes.started["run"].returncode == 0, output
+    assert "completed" in output
+
+    results = federation.coordinator.results_dir
+    assert (results / "results.json").is_file()
+    assert any((results / "checkpoint").iterdir())
+    for site in ("a", "b"):
+        assert sent(site, "train", 2) and sent(site, "evaluate", 2)
+    assert not sent("c", "train", 2)
+
+    run_log = subprocess.run([launch.executable("flwr"), "log", str(run_id), launch.CONNECTION,
+                              "--show"], env=launch.coordinator_env(federation.coordinator),
+                             capture_output=True, text=True, timeout=60).stdout
+    assert "round 2: excluded" in run_log
+    assert "round 2: new encrypted global from 2 sites" in run_log
+
+    # The coordinator side opened exactly one key file, aggregator.ctx, and the ServerApp did.
+    opens = [line.split("\t") for line in federation.ctx_log.read_text().splitlines()]
+    aggregator = str(federation.coordinator.key_dir / "aggregator.ctx")
+    assert {path for _, path in opens} == {aggregator}
+    assert any("flwr-serverapp" in argv for argv, _ in opens)

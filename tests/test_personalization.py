@@ -1,0 +1,102 @@
+"""Policies partition a model's state dict into shared and personal names, correctly per policy."""
+
+import pytest
+import torch
+from torch import nn
+
+from fedhealth.models import build_model
+from fedhealth.personalization import POLICY_NAMES, Partition, get_policy, head_module, norm_modules
+
+HEAD = {"class_layers.out.weight", "class_layers.out.bias"}
+
+
+@pytest.fixture(scope="module", params=["tiny", "densenet121"])
+def model(request: pytest.FixtureRequest) -> nn.Module:
+    return build_model(request.param)
+
+
+def _batchnorm_entries(model: nn.Module) -> set[str]:
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
+    return {n for n in model.state_dict() if n.startswith(prefixes)}
+
+
+def _counters(model: nn.Module) -> set[str]:
+    return {n for n, t in model.state_dict().items() if not torch.is_floating_point(t)}
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_partition_covers_the_state_dict_once_in_order(model: nn.Module, name: str) -> None:
+    part = get_policy(name).partition(model)
+    state = list(model.state_dict())
+    assert not set(part.shared) & set(part.personal)
+    assert set(part.shared) | set(part.personal) == set(state)
+    assert list(part.shared) == [n for n in state if n in part.shared]
+    assert list(part.personal) == [n for n in state if n in part.personal]
+    # Only real numbers go through CKKS.
+    assert all(torch.is_floating_point(model.state_dict()[n]) for n in part.shared)
+
+
+def test_fedbn_keeps_every_batchnorm_entry(model: nn.Module) -> None:
+    personal = set(get_policy("fedbn").partition(model).personal)
+    bn = _batchnorm_entries(model)
+    assert personal == bn
+    assert any(n.endswith("running_var") for n in bn) and any(n.endswith("weight") for n in bn)
+
+
+@pytest.mark.parametrize("name", ["fedper", "fedrep"])
+def test_fedper_and_fedrep_keep_the_head(model: nn.Module, name: str) -> None:
+    assert set(get_policy(name).partition(model).personal) == HEAD | _counters(model)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "ditto"])
+def test_global_policies_keep_only_integer_counters(model: nn.Module, name: str) -> None:
+    counters = _counters(model)
+    assert counters and all(n.endswith("num_batches_tracked") for n in counters)
+    assert set(get_policy(name).partition(model).personal) == counters
+
+
+def test_split_returns_the_tensors_of_each_side() -> None:
+    model = build_model("tiny")
+    _, personal = get_policy("fedper").split(model)
+    assert set(personal) - _counters(model) == HEAD
+    assert torch.equal(personal["class_layers.out.weight"],
+                       model.state_dict()["class_layers.out.weight"])
+    with pytest.raises(TypeError, match="model itself"):
+        get_policy("fedper").split(model.state_dict())  # type: ignore[arg-type]
+
+
+def test_partition_split_refuses_a_foreign_state() -> None:
+    with pytest.raises(ValueError, match="missing"):
+        Partition(shared=("a",), personal=("b",)).split({"a": 1, "c": 2})
+
+
+class _HeadFirst(nn.Module):
+    """Declares its head before its body: registration order would pick the wrong layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_head_is_found_by_data_flow_not_registration_order() -> None:
+    model = _HeadFirst()
+    assert head_module(model) == "head"
+    assert norm_modules(model) == ["body.1"]
+    assert model.training  # the probe pass leaves the mode as it found it
+
+
+def test_unet_head_is_the_output_convolution() -> None:
+    model = build_model("unet", num_classes=3)
+    head = dict(model.named_modules())[head_module(model)]
+    assert isinstance(head, nn.modules.conv._ConvNd) and head.out_channels == 3
+    assert set(get_policy("fedbn").partition(model).personal) == _batchnorm_entries(model)
+
+
+def test_unknown_policy_lists_the_names() -> None:
+    with pytest.raises(ValueError, match="fedavg, fedprox, fedbn, fedper, fedrep, ditto"):
+        get_policy("scaffold")

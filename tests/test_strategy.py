@@ -1,0 +1,233 @@
+"""EncryptedFedAvg with real TenSEAL ciphertexts: sums, exclusions, minimum replies, resume."""
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from strategy_harness import FakeGrid, FakeSite, random_tensors
+
+from fedhealth.crypto import wire
+from fedhealth.crypto.codec import decrypt_global, encrypt_update
+from fedhealth.crypto.keys import (
+    SiteKey,
+    init_key_files,
+    load_aggregator_context,
+    load_site_context,
+)
+from fedhealth.crypto.layout import TensorLayout
+from fedhealth.crypto.presets import PRESETS
+from strategies.checkpoint import CHECKPOINT_FILE
+from strategies.encrypted_fedavg import EncryptedFedAvg
+
+
+def make_keys(directory: Path) -> SiteKey:
+    init_key_files(directory)
+    return load_site_context(directory / "site.ctx")
+
+
+@pytest.fixture
+def flwr_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    logger = logging.getLogger("flwr")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="flwr")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def strategy_for(key_dir: Path, sites: int, **kwargs: object) -> EncryptedFedAvg:
+    kwargs.setdefault("min_replies", 2)
+    return EncryptedFedAvg(load_aggregator_context(key_dir / "aggregator.ctx"),
+                           min_train_nodes=sites, min_available_nodes=sites,
+                           min_evaluate_nodes=sites, **kwargs)  # type: ignore[arg-type]
+
+
+def one_round(strategy: EncryptedFedAvg, grid: FakeGrid) -> ArrayRecord | None:
+    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    return arrays
+
+
+def decrypted_global(strategy: EncryptedFedAvg, key: SiteKey,
+                     layout: TensorLayout) -> dict[str, np.ndarray]:
+    assert strategy.current is not None
+    return decrypt_global(key, strategy.initial_arrays(), layout, strategy.current.weight_sum)
+
+
+@pytest.mark.parametrize("num_sites", [3, 5, 8])
+def test_decrypted_aggregate_is_numpys_weighted_mean(key_dir: Path, site_key: SiteKey,
+                                                     num_sites: int) -> None:
+    counts = [7 + 13 * k * k for k in range(num_sites)]  # unequal weights
+    sites = [FakeSite(f"h{k}", site_key, counts[k], random_tensors(k)) for k in range(num_sites)]
+    grid = FakeGrid(sites)
+    strategy = strategy_for(key_dir, num_sites)
+    assert one_round(strategy, grid) is not None
+    assert strategy.current is not None and abs(strategy.current.weight_sum - 1.0) < 1e-12
+    got = decrypted_global(strategy, site_key, TensorLayout.of(sites[0].target))
+    for name in sites[0].target:  # round 1 trains from zeros: each site sends 0.5 * target
+        expected = np.average([0.5 * s.target[name].astype(np.float64) for s in sites],
+                              axis=0, weights=counts)
+        assert np.max(np.abs(got[name] - expected)) <= 1e-6
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_holds_the_mean_of_eight_large_updates(tmp_path: Path, preset: str) -> None:
+    """|a_k w_k| up to 10 at every site, 8 sites: still within 1e-6 of numpy's weighted mean."""
+    init_key_files(tmp_path, preset)
+    key = load_site_context(tmp_path / "site.ctx")
+    counts = [5 + 31 * k for k in range(8)]
+    targets = [{name: np.clip(20 * t, -20, 20) for name, t in random_tensors(k).items()}
+               for k in range(8)]
+    sites = [FakeSite(f"h{k}", key, counts[k], targets[k]) for k in range(8)]
+    strategy = strategy_for(tmp_path, 8)
+    assert one_round(strategy, FakeGrid(sites)) is not None
+    got = decrypted_global(strategy, key, TensorLayout.of(targets[0]))
+    for name in targets[0]:
+        expected = np.average([0.5 * t[name].astype(np.float64) for t in targets], axis=0,
+                              weights=counts)
+        assert np.max(np.abs(got[name] - expected)) <= 1e-6
+
+
+def test_uniform_weights_need_no_census(key_dir: Path, site_key: SiteKey) -> None:
+    sites = [FakeSite(f"h{k}", site_key, 10 * (k + 1), random_tensors(k)) for k in range(3)]
+    grid = FakeGrid(sites)
+    strategy = strategy_for(key_dir, 3, uniform_weights=True)
+    one_round(strategy, grid)
+    assert all(m.metadata.message_type != "query" for m in grid.received)
+    got = decrypted_global(strategy, site_key, TensorLayout.of(sites[0].target))
+    expected = np.mean([0.5 * s.target["body.weight"] for s in sites], axis=0)
+    assert np.max(np.abs(got["body.weight"] - expected)) <= 1e-6
+
+
+def truncate_first_ciphertext(content: RecordDict) -> None:
+    record = content.array_records[wire.UPDATE]
+    blob = record["ct-00000"].numpy()
+    content[wire.UPDATE] = ArrayRecord({**dict(record.items()),
+                                        "ct-00000": type(record["ct-00000"])(blob[:-500])})
+
+
+def encrypt_under(stranger: SiteKey) -> Callable[[RecordDict], None]:
+    """A reply re-encrypted under another federation's key (a misconfigured site)."""
+    def tamper(content: RecordDict) -> None:
+        content[wire.UPDATE] = encrypt_update(stranger, random_tensors(0), 0.1)
+        content.config_records[wire.CRYPTO][wire.FINGERPRINT] = stranger.fingerprint
+    return tamper
+
+
+def drop_layout_hash(content: RecordDict) -> None:
+    del content.config_records[wire.CRYPTO][wire.LAYOUT_HASH]
+
+
+def test_bad_replies_are_excluded_and_the_round_completes(
+        key_dir: Path, site_key: SiteKey, tmp_path: Path,
+        flwr_log: pytest.LogCaptureFixture) -> None:
+    stranger = make_keys(tmp_path / "other-federation")
+    good = [FakeSite(f"good{k}", site_key, 20 + k, random_tensors(k)) for k in range(2)]
+    bad = [
+        FakeSite("stranger", site_key, 30, random_tensors(5), tamper=encrypt_under(stranger)),
+        FakeSite("truncated", site_key, 30, random_tensors(6), tamper=truncate_first_ciphertext),
+        FakeSite("reshaped", site_key, 30, random_tensors(7, width=2999)),
+        FakeSite("incomplete", site_key, 30, random_tensors(8), tamper=drop_layout_hash),
+    ]
+    grid = FakeGrid(good + bad)
+    strategy = strategy_for(key_dir, len(grid.sites))
+    assert one_round(strategy, grid) is not None
+    text = flwr_log.text
+    assert "excluded node 103 (site stranger): encrypted under another federation's key" in text
+    assert "excluded node 104 (site truncated): ciphertext 0 does not deserialize" in text
+    assert "excluded node 105 (site reshaped): layout" in text
+    assert "excluded node 106 (site incomplete): missing field 'layout-hash'" in text
+    got = decrypted_global(strategy, site_key, TensorLayout.of(good[0].target))
+    expected = np.average([0.5 * s.target["body.weight"] for s in good], axis=0, weights=[20, 21])
+    assert np.max(np.abs(got["body.weight"] - expected)) <= 1e-6
+    assert set(strategy.history["train"][1]) == {"good0", "good1"}
+
+
+def test_census_leaves_out_a_site_of_another_federation(
+        key_dir: Path, site_key: SiteKey, tmp_path: Path,
+        flwr_log: pytest.LogCaptureFixture) -> None:
+    sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(2)]
+    sites.append(FakeSite("stranger", make_keys(tmp_path / "other"), 10, random_tensors(2)))
+    grid = FakeGrid(sites)
+    strategy = strategy_for(key_dir, 3)
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [101, 102]
+    assert "census: node 103 (site stranger) sits out this round: encrypted under another" \
+        in flwr_log.text
+
+
+def test_wrong_layout_loses_against_the_majority(key_dir: Path, site_key: SiteKey,
+                                                flwr_log: pytest.LogCaptureFixture) -> None:
+    sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(3)]
+    sites.append(FakeSite("odd", site_key, 10, random_tensors(9, width=5000)))
+    strategy = strategy_for(key_dir, 4)
+    one_round(strategy, FakeGrid(sites))
+    assert "excluded node 104 (site odd): layout" in flwr_log.text
+    assert "2514 slots differs from the federation's" in flwr_log.text  # two values a slot
+    assert strategy.current is not None and sum(strategy.current.chunk_sizes) == 1514
+
+
+def test_too_few_valid_replies_keep_the_previous_global(
+        key_dir: Path, site_key: SiteKey, flwr_log: pytest.LogCaptureFixture) -> None:
+    sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(3)]
+    grid = FakeGrid(sites)
+    strategy = strategy_for(key_dir, 3, min_replies=3)
+    one_round(strategy, grid)
+    before = strategy.current
+    sites[2].tamper = drop_layout_hash
+    sites[1].tamper = truncate_first_ciphertext
+    assert one_round(strategy, grid) is None
+    assert strategy.current is before
+    assert "1 valid replies, 3 needed: keeping the previous global (round 1)" in flwr_log.text
+
+
+def run(key_dir: Path, sites: list[FakeSite], rounds: int, checkpoint: Path) -> EncryptedFedAvg:
+    strategy = strategy_for(key_dir, len(sites), checkpoint_dir=checkpoint, resume=True)
+    strategy.start(FakeGrid(sites), ArrayRecord(), num_rounds=rounds,
+                   train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    return strategy
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(key_dir: Path, site_key: SiteKey,
+                                                         tmp_path: Path) -> None:
+    def sites() -> list[FakeSite]:
+        return [FakeSite(f"h{k}", site_key, 10 + 5 * k, random_tensors(k)) for k in range(3)]
+
+    layout = TensorLayout.of(sites()[0].target)
+    whole = run(key_dir, sites(), 4, tmp_path / "whole")
+
+    run(key_dir, sites(), 2, tmp_path / "resumed")  # the coordinator stops after round 2
+    assert (tmp_path / "resumed" / CHECKPOINT_FILE).exists()
+    resumed = run(key_dir, sites(), 4, tmp_path / "resumed")  # restarted: rounds 3 and 4 only
+
+    assert whole.current is not None and resumed.current is not None
+    assert resumed.current.server_round == whole.current.server_round == 4
+    assert resumed.current.weight_sum == whole.current.weight_sum
+    a = decrypted_global(whole, site_key, layout)
+    b = decrypted_global(resumed, site_key, layout)
+    for name in a:  # CKKS encryption is randomised: equal up to its ~1e-9 noise, which may
+        # flip the last bit of a float32 tensor
+        tolerance = max(1e-8, float(np.finfo(a[name].dtype).eps))
+        assert np.max(np.abs(a[name].astype(np.float64) - b[name])) <= tolerance
+    assert sorted(resumed.history["train"]) == [1, 2, 3, 4]
+    assert sorted(resumed.history["evaluate"]) == [1, 2, 3, 4]
+    assert resumed.history["evaluate"][4].keys() == whole.history["evaluate"][4].keys()
+
+
+def test_checkpoint_of_another_federation_is_refused(key_dir: Path, site_key: SiteKey,
+                                                     tmp_path: Path) -> None:
+    sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(2)]
+    run(key_dir, sites, 1, tmp_path / "ckpt")
+    make_keys(tmp_path / "other")
+    with pytest.raises(ValueError, match="made under key"):
+        strategy_for(tmp_path / "other", 2, checkpoint_dir=tmp_path / "ckpt", resume=True)
+
+
+def test_existing_checkpoint_is_not_continued_unless_asked(key_dir: Path, site_key: SiteKey,
+                                                           tmp_path: Path) -> None:
+    sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(2)]
+    run(key_dir, sites, 1, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="checkpoint of round 1: set run config resume=true"):
+        strategy_for(key_dir, 2, checkpoint_dir=tmp_path / "ckpt")
