@@ -1,0 +1,71 @@
+"""Images per second of a cached epoch vs decoding DICOM every epoch, in one run.
+
+Synthesizes one hospital, builds its training split with `sites.dataset.load_site` (CacheDataset:
+DICOM decoded once), then times epochs through a DataLoader from the cache and from a plain MONAI
+Dataset that runs the same transforms, DICOM decode included, on every access.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.data import Dataset
+from torch.utils.data import DataLoader
+
+from fedhealth.synth import synthesize_federation
+from sites.dataset import load_site, site_transforms
+
+
+def images_per_second(data: Dataset, epochs: int, batch_size: int) -> float:
+    """Mean throughput over `epochs` full passes (batches collated as in training)."""
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0)
+    start, seen = time.perf_counter(), 0
+    for _ in range(epochs):
+        for batch in loader:
+            seen += batch["image"].shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=300, help="images in the synthetic site")
+    parser.add_argument("--image-size", type=int, default=128, help="synthesized rows = columns")
+    parser.add_argument("--model-size", type=int, default=64, help="model input size")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthesize_federation(Path(tmp), 1, 0, images_per_site=args.images,
+                              image_size=args.image_size)
+        start = time.perf_counter()
+        splits = load_site(Path(tmp) / "hospital-1", image_size=args.model_size)
+        build_s = time.perf_counter() - start
+        cached = splits.train
+        decoding = Dataset(cached.data, site_transforms(args.model_size))
+        figures = {
+            "images": len(cached),
+            "load_site_seconds": build_s,
+            "decode_every_epoch_images_per_s": images_per_second(decoding, args.epochs,
+                                                                 args.batch_size),
+            "cached_images_per_s": images_per_second(cached, args.epochs, args.batch_size),
+        }
+    figures["speedup"] = figures["cached_images_per_s"] / figures["decode_every_epoch_images_per_s"]
+    print(f"train split: {figures['images']} images of {args.image_size} px -> "
+          f"{args.model_size} px, {args.epochs} epochs, batch {args.batch_size}")
+    print(f"load_site (scan + one decode into the cache): {figures['load_site_seconds']:.2f} s")
+    print(f"decode every epoch: {figures['decode_every_epoch_images_per_s']:10.0f} images/s")
+    print(f"cached epoch:       {figures['cached_images_per_s']:10.0f} images/s")
+    print(f"speedup:            {figures['speedup']:10.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         **figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""CKKS codec cost per preset against plaintext float32: bytes, encrypt, aggregate, decrypt, error.
+
+    python benchmarks/he_codec.py --params 1000000 --sites 8 --json OUT.json
+
+Each site sends a_k * w_k; the aggregator parses, checks and adds what it receives (the code
+path of `EncryptedFedAvg`), and a site decrypts the sum and divides by s.
+`aggregate_mparams_per_s` is per site update: sites * params / aggregation seconds.
+Timing is per site update: each step (one site's encryption, one update's parse and check,
+the final serialization, ...) runs `--repeat` times, its fastest run counts, and the steps add
+up. On a shared machine that keeps other processes' bursts out of the figures; the `*_cpu_*`
+fields use this process's CPU time instead of the wall clock (SEAL runs on one thread here),
+and the load average before and after goes into the JSON.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from fedhealth.crypto.codec import decrypt_global, encrypt_update
+from fedhealth.crypto.keys import init_key_files, load_aggregator_context, load_site_context
+from fedhealth.crypto.layout import TensorLayout
+from fedhealth.crypto.wire import ciphertexts_to_record, record_to_ciphertexts
+from strategies.reply_check import parse_ciphertexts
+
+T = TypeVar("T")
+
+
+def site_updates(params: int, sites: int, seed: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tensors = [{"w": rng.normal(0, 0.1, size=params).astype(np.float32)} for _ in range(sites)]
+    weights = rng.integers(10, 1000, size=sites).astype(np.float64)
+    return tensors, weights / weights.sum()
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    return sum(len(array.data) for array in record.values())
+
+
+@dataclass
+class Clock:
+    """Wall-clock and CPU seconds of a phase: the sum over its steps of each step's fastest run."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def fastest(self, repeat: int, step: Callable[[], T]) -> T:
+        walls, cpus = [], []
+        for _ in range(repeat):
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = step()
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        self.wall += min(walls)
+        self.cpu += min(cpus)
+        return result
+
+
+def row(name: str, bytes_per_param: float, params: int, sites: int, encrypt: Clock,
+        aggregate: Clock, decrypt: Clock, error: float) -> dict[str, float | str]:
+    """One result entry; encrypt and aggregate cover all sites' updates, decrypt one global."""
+    rates = {"encrypt": (encrypt, sites), "aggregate": (aggregate, sites), "decrypt": (decrypt, 1)}
+    return {"name": name, "bytes_per_param": bytes_per_param,
+            **{f"{k}_mparams_per_s": n * params / c.wall / 1e6 for k, (c, n) in rates.items()},
+            "max_abs_error": error,
+            **{f"{k}_cpu_mparams_per_s": n * params / c.cpu / 1e6 for k, (c, n) in rates.items()}}
+
+
+def measure_preset(name: str, tensors: list[dict[str, np.ndarray]], weights: np.ndarray,
+                   expected: np.ndarray, repeat: int) -> dict[str, float | str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        init_key_files(Path(tmp), name)
+        site = load_site_context(Path(tmp) / "site.ctx")
+        aggregator = load_aggregator_context(Path(tmp) / "aggregator.ctx")
+    encrypt, aggregate, decrypt = Clock(), Clock(), Clock()
+    records = [encrypt.fastest(repeat, lambda t=t, a=a: encrypt_update(site, t, float(a)))
+               for t, a in track(list(zip(tensors, weights)), description=f"{name}: encrypt")]
+
+    # What `EncryptedFedAvg.aggregate_train` does with the ciphertexts of valid replies.
+    total = None
+    for record in records:
+        vectors = aggregate.fastest(repeat, lambda r=record: parse_ciphertexts(
+            aggregator, record_to_ciphertexts(r)))
+        if total is None:
+            total = vectors
+        else:  # in place, so once
+            aggregate.fastest(1, lambda v=vectors, t=total: [a.add_(b) for a, b in zip(t, v, strict=True)])
+    summed = aggregate.fastest(repeat, lambda: ciphertexts_to_record([v.serialize() for v in total]))
+
+    mean = decrypt.fastest(repeat, lambda: decrypt_global(
+        site, summed, TensorLayout.of(tensors[0]), float(weights.sum()))["w"])
+    params = tensors[0]["w"].size
+    return row(name, record_bytes(records[0]) / params, params, len(records), encrypt, aggregate,
+               decrypt, float(np.max(np.abs(mean.astype(np.float64) - expected))))
+
+
+def measure_plaintext(tensors: list[dict[str, np.ndarray]], weights: np.ndarray,
+                      expected: np.ndarray, repeat: int) -> dict[str, float | str]:
+    """Flower's FedAvg path: float32 arrays in an ArrayRecord, weighted sum at the server."""
+    encode, aggregate, decode = Clock(), Clock(), Clock()
+    records = [encode.fastest(repeat, lambda t=t: ArrayRecord({"w": Array(t["w"])}))
+               for t in tensors]
+    summed = aggregate.fastest(repeat, lambda: ArrayRecord({"w": Array(np.asarray(
+        sum(r["w"].numpy() * np.float32(a) for r, a in zip(records, weights, strict=True)),
+        dtype=np.float32))}))
+    mean = decode.fastest(repeat, lambda: summed["w"].numpy() / np.float32(weights.sum()))
+    params = tensors[0]["w"].size
+    return row("plaintext", record_bytes(records[0]) / params, params, len(records), encode,
+               aggregate, decode, float(np.max(np.abs(mean.astype(np.float64) - expected))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--sites", type=int, default=8)
+    parser.add_argument("--presets", default="default,compact,nvflare")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per timed step; the "
+                        "fastest counts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+
+    tensors, weights = site_updates(args.params, args.sites, args.seed)
+    expected = np.average([t["w"].astype(np.float64) for t in tensors], axis=0, weights=weights)
+    load_before = os.getloadavg()
+    results = [measure_preset(name, tensors, weights, expected, args.repeat)
+               for name in args.presets.split(",")]
+    results.append(measure_plaintext(tensors, weights, expected, args.repeat))
+    load_after = os.getloadavg()
+
+    table = Table(title=f"{args.params:,} params, {args.sites} sites, best of {args.repeat}; "
+                        f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    for column in results[0]:
+        table.add_column(column.replace("_mparams_per_s", " Mp/s").replace("_", " "),
+                         justify="right")
+    for entry in results:
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else v for v in entry.values()))
+    Console(width=200).print(table)
+    by_name = {r["name"]: r for r in results}
+    if {"default", "nvflare"} <= by_name.keys():
+        d, n = by_name["default"], by_name["nvflare"]
+        for clock in ("", "_cpu"):
+            ratios = {k: d[f"{k}{clock}_mparams_per_s"] / n[f"{k}{clock}_mparams_per_s"]  # type: ignore[operator]
+                      for k in ("encrypt", "aggregate")}
+            print(f"default vs nvflare ({'CPU' if clock else 'wall'} time): "
+                  + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items())
+                  + f", bytes x{d['bytes_per_param'] / n['bytes_per_param']:.2f}")  # type: ignore[operator]
+    if args.json:
+        args.json.write_text(json.dumps({
+            "params": args.params, "sites": args.sites, "repeat": args.repeat,
+            "cpus": os.cpu_count(), "load_average_1min": [load_before[0], load_after[0]],
+            "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
