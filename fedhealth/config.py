@@ -20,6 +20,10 @@ class RunConfig:
 
     The defaults here and `[tool.flwr.app.config]` in pyproject.toml are the same values (a test
     holds them together): the wheel has no pyproject, `flwr run` reads only pyproject.
+
+    expected_sites: sites the ServerApp waits for before round 0, up to `join_timeout` seconds;
+        0 starts as soon as `min_sites` are connected. Flower samples from whoever is connected,
+        so without this wait a site that joins a second late sits out round 0.
     """
 
     num_server_rounds: int = 3
@@ -30,6 +34,8 @@ class RunConfig:
     image_size: int = 64
     seed: int = 0
     min_sites: int = 2
+    expected_sites: int = 0
+    join_timeout: float = 300.0
     fraction_train: float = 1.0
     local_epochs: int = 1
     batch_size: int = 16

@@ -54,6 +54,25 @@ def build_strategy(config: RunConfig, history: RunHistory) -> tuple[Strategy, Ar
     return strategy, strategy.initial_arrays()
 
 
+def wait_for_sites(grid: Grid, config: RunConfig, poll_seconds: float = 1.0) -> int:
+    """Wait until `expected_sites` nodes are connected or `join_timeout` passes; return how many are.
+
+    Flower's sampling takes whoever is connected when a round starts; a late site would
+    otherwise miss round 0 (and its baseline) although it joins a moment later.
+    """
+    deadline = time.monotonic() + config.join_timeout
+    while (connected := len(list(grid.get_node_ids()))) < config.expected_sites:
+        if time.monotonic() >= deadline:
+            log(WARNING, "%d of %d expected sites connected after %.0f s; starting with them "
+                "(at least %d needed)", connected, config.expected_sites, config.join_timeout,
+                config.min_sites)
+            return connected
+        time.sleep(poll_seconds)
+    if config.expected_sites:
+        log(INFO, "All %d expected sites are connected", config.expected_sites)
+    return connected
+
+
 def evaluate_round_zero(strategy: Strategy, grid: Grid, arrays: ArrayRecord,
                         config: RunConfig) -> None:
     """Evaluate the starting model on every site, so later rounds have a baseline."""
@@ -67,6 +86,7 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, object]:
     """Run all rounds, then write and return the results (per-site metrics, timing, bytes)."""
     history = RunHistory()
     strategy, arrays = build_strategy(config, history)
+    wait_for_sites(grid, config)
     started = time.perf_counter()
     if not config.resume:
         evaluate_round_zero(strategy, grid, arrays, config)

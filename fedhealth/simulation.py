@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.simulation import run_simulation
@@ -53,6 +54,8 @@ def simulate(config: RunConfig, *, num_sites: int | None = None,
     results_path = Path(config.out_dir) / RESULTS_FILE
     results_path.unlink(missing_ok=True)
     sites = num_sites or len(simulated_site_dirs(Path(config.data_dir)))
+    if not config.expected_sites:  # every virtual node joins: wait for all of them
+        config = replace(config, expected_sites=sites)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's announced default
     with nullcontext() if verbose else _flower_warnings_only():
         run_simulation(

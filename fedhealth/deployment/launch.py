@@ -159,8 +159,10 @@ def register_sites(bundle: CoordinatorBundle) -> dict[str, str]:
 
 
 def run_overrides(bundle: CoordinatorBundle, extra: list[str]) -> list[str]:
-    """Run config pointing the ServerApp at the coordinator's params-only key and results."""
-    return [f'key-dir="{bundle.key_dir}" out-dir="{bundle.results_dir}"', *extra]
+    """Run config pointing the ServerApp at the coordinator's params-only key and results,
+    waiting for every site of the bundle before round 0 (`extra` may override any of it)."""
+    return [f'key-dir="{bundle.key_dir}" out-dir="{bundle.results_dir}" '
+            f'expected-sites={len(bundle.sites)}', *extra]
 
 
 def submit_run(bundle: CoordinatorBundle, app_dir: Path, overrides: list[str]) -> int:
