@@ -20,6 +20,8 @@ from fedhealth.atomic_file import write_atomically
 SITE_RECORD = "site"
 """Name of the ConfigRecord every site reply carries: {"name": str, "server-round": int}."""
 
+SiteMetrics = dict[str, dict[str, float]]  # site name -> metric name -> value
+
 EVALUATION_METRICS = ("accuracy", "balanced_accuracy", "auc", "dice")  # dice: segmentation
 
 
@@ -43,9 +45,9 @@ def _uplink_bytes(content: RecordDict) -> int:
 class RunHistory:
     """Per-round, per-site metrics and uplink bytes, filled in by a strategy's aggregation hooks."""
 
-    evaluate: dict[int, dict[str, dict[str, float]]] = field(
+    evaluate: dict[int, SiteMetrics] = field(
         default_factory=lambda: defaultdict(dict))
-    train: dict[int, dict[str, dict[str, float]]] = field(
+    train: dict[int, SiteMetrics] = field(
         default_factory=lambda: defaultdict(dict))
     uplink_bytes: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     evaluated_at: dict[int, float] = field(default_factory=dict)
@@ -65,6 +67,13 @@ class RunHistory:
             self.evaluate[server_round][site] = _metrics_of(content)
             self.evaluated_at[server_round] = time.perf_counter()
         return aggregate_metricrecords(replies, weight_key)
+
+    def restore(self, train: dict[int, SiteMetrics], evaluate: dict[int, SiteMetrics]) -> None:
+        """Add the rounds a resumed run finished before its restart (their timing is not kept)."""
+        for server_round, sites in train.items():
+            self.train[server_round].update(sites)
+        for server_round, sites in evaluate.items():
+            self.evaluate[server_round].update(sites)
 
     def final_per_site(self) -> dict[str, dict[str, float]]:
         """Each site's metrics from the last round it was evaluated in."""

@@ -62,7 +62,8 @@ class SiteRound:
         self.policy = get_policy(self.config.policy)
         self.splits = site_data(self.site, self.config)
         self.store = PersonalStore(context.state, self.site.state_dir,
-                                   run_key=str(context.run_id), site=self.site.name)
+                                   run_key=self.exchange.personal_key(context.run_id),
+                                   site=self.site.name)
         self.settings = TrainSettings.from_run_config(self.config)
         self.run_id = context.run_id
 

@@ -38,6 +38,9 @@ class Exchange(Protocol):
 
     server_round: int
 
+    def personal_key(self, run_id: int) -> str:
+        """What this site's personal layers are stored under for this training."""
+
     def global_shared(self, layout: TensorLayout) -> Arrays | None:
         """The global model's shared tensors, or None when sites start from the seed."""
 
@@ -76,6 +79,10 @@ class EncryptedExchange:
     def server_round(self) -> int:
         return self.instruction.server_round
 
+    def personal_key(self, run_id: int) -> str:
+        # Flower's run id changes when the coordinator resumes from a checkpoint; this does not
+        return self.instruction.training_id
+
     def global_shared(self, layout: TensorLayout) -> Arrays | None:
         return self.instruction.global_tensors(self.key, layout)
 
@@ -100,6 +107,9 @@ class PlaintextExchange:
     @property
     def server_round(self) -> int:
         return int(self.content[PLAIN_CONFIG]["server-round"])  # type: ignore[arg-type]
+
+    def personal_key(self, run_id: int) -> str:
+        return str(run_id)  # plaintext runs have no checkpoint to resume from
 
     def global_shared(self, layout: TensorLayout) -> Arrays | None:
         record = self.content.array_records.get(PLAIN_ARRAYS)

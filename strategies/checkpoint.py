@@ -27,6 +27,7 @@ class EncryptedGlobal:
     layout_hash: str
     chunk_sizes: tuple[int, ...]
     key_fingerprint: str
+    training_id: str
 
 
 def save_checkpoint(directory: Path, state: EncryptedGlobal) -> Path:
@@ -61,4 +62,3 @@ def load_checkpoint(directory: Path) -> tuple[EncryptedGlobal, dict[str, object]
         raise ValueError(f"checkpoint {path} is damaged ({exc}); move it away to start "
                          "a new run") from None
     return state, history
-    return path

@@ -7,6 +7,7 @@ loop passes around, so a plaintext ArrayRecord given to `start` can never be sen
 """
 
 import math
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -19,6 +20,7 @@ from flwr.supercore import log
 
 from fedhealth.crypto import wire
 from fedhealth.crypto.aggregator_key import AggregatorKey
+from fedhealth.run_history import SiteMetrics
 from strategies.checkpoint import EncryptedGlobal, load_checkpoint, save_checkpoint, save_history
 from strategies.reply_check import (
     ReplyRejected,
@@ -29,8 +31,6 @@ from strategies.reply_check import (
     parse_ciphertexts,
     site_label,
 )
-
-SiteMetrics = dict[str, dict[str, float]]  # site name -> metric name -> value
 
 
 class EncryptedFedAvg(FedAvg):
@@ -61,6 +61,7 @@ class EncryptedFedAvg(FedAvg):
         self.history: dict[str, dict[int, SiteMetrics]] = {"train": {}, "evaluate": {}}
         self.current: EncryptedGlobal | None = None
         self._weights: dict[int, float] = {}
+        self.training_id = uuid.uuid4().hex  # a resumed run takes its checkpoint's instead
         self._round_offset = 0
         if checkpoint_dir is not None and (found := load_checkpoint(checkpoint_dir)):
             if not resume:
@@ -87,6 +88,7 @@ class EncryptedFedAvg(FedAvg):
             )
         parse_ciphertexts(self.key, state.ciphertexts)
         self.current = state
+        self.training_id = state.training_id
         self.history.update({kind: {int(r): sites for r, sites in rounds.items()}
                              for kind, rounds in history.items()})
         log(INFO, "Resuming from the encrypted checkpoint of round %d (%d ciphertexts)",
@@ -142,6 +144,7 @@ class EncryptedFedAvg(FedAvg):
                 wire.SITE_WEIGHT: weight,
                 wire.LAYOUT_HASH: state.layout_hash if state else "",
                 wire.FINGERPRINT: self.key.fingerprint,
+                wire.TRAINING_ID: self.training_id,
             })})
             if global_record is not None:
                 content[wire.GLOBAL] = global_record
@@ -198,7 +201,7 @@ class EncryptedFedAvg(FedAvg):
             server_round=server_round, ciphertexts=[v.serialize() for v in total],
             weight_sum=math.fsum(self._weights[u.reply.node_id] for u in updates),  # any order
             layout_hash=updates[0].layout_hash, chunk_sizes=updates[0].chunk_sizes,
-            key_fingerprint=self.key.fingerprint)
+            key_fingerprint=self.key.fingerprint, training_id=self.training_id)
         log(INFO, "round %d: new encrypted global from %d sites, s = %.6f", server_round,
             len(updates), self.current.weight_sum)
         if self.checkpoint_dir is not None:

@@ -38,6 +38,7 @@ class FakeSite:
     target: dict[str, np.ndarray]
     tamper: Callable[[RecordDict], None] | None = None
     sent: list[RecordDict] = field(default_factory=list)
+    seen: list[RecordDict] = field(default_factory=list)  # train/evaluate instructions received
     encrypted: list[dict[str, np.ndarray]] = field(default_factory=list)  # plaintexts sent
 
     def handle(self, message: Message) -> Message:
@@ -51,6 +52,7 @@ class FakeSite:
         if message.metadata.message_type == MessageType.QUERY:
             assert is_census(message.content)
             return build_census_reply(self.key, self.num_examples, self.name)
+        self.seen.append(message.content)
         instruction = read_instruction(message.content)
         layout = TensorLayout.of(self.target)
         start = instruction.global_tensors(self.key, layout)

@@ -109,7 +109,8 @@ def test_reply_and_instruction_records(site_key: SiteKey) -> None:
         wire.GLOBAL: reply.array_records[wire.UPDATE],
         wire.CRYPTO: ConfigRecord({wire.SERVER_ROUND: 2, wire.WEIGHT_SUM: 0.5,
                                    wire.SITE_WEIGHT: 0.2, wire.LAYOUT_HASH: layout.hash,
-                                   wire.FINGERPRINT: site_key.fingerprint}),
+                                   wire.FINGERPRINT: site_key.fingerprint,
+                                   wire.TRAINING_ID: "t1"}),
         wire.CONFIG: ConfigRecord({"local-epochs": 1}),
     })
     instruction = read_instruction(content)
@@ -127,5 +128,5 @@ def test_reply_and_instruction_records(site_key: SiteKey) -> None:
 def test_first_round_has_no_global(site_key: SiteKey) -> None:
     content = RecordDict({wire.CRYPTO: ConfigRecord({
         wire.SERVER_ROUND: 1, wire.WEIGHT_SUM: 0.0, wire.SITE_WEIGHT: 1.0,
-        wire.LAYOUT_HASH: "", wire.FINGERPRINT: site_key.fingerprint})})
+        wire.LAYOUT_HASH: "", wire.FINGERPRINT: site_key.fingerprint, wire.TRAINING_ID: "t1"})})
     assert read_instruction(content).global_tensors(site_key, TensorLayout.of(tensors())) is None

@@ -198,9 +198,14 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(key_dir: Path, site_key
     layout = TensorLayout.of(sites()[0].target)
     whole = run(key_dir, sites(), 4, tmp_path / "whole")
 
-    run(key_dir, sites(), 2, tmp_path / "resumed")  # the coordinator stops after round 2
+    stopped = run(key_dir, sites(), 2, tmp_path / "resumed")  # the coordinator stops after round 2
     assert (tmp_path / "resumed" / CHECKPOINT_FILE).exists()
-    resumed = run(key_dir, sites(), 4, tmp_path / "resumed")  # restarted: rounds 3 and 4 only
+    restarted_sites = sites()
+    resumed = run(key_dir, restarted_sites, 4, tmp_path / "resumed")  # rounds 3 and 4 only
+    # sites key their personal layers by the training id: a resumed run must keep it
+    assert resumed.training_id == stopped.training_id != whole.training_id
+    told = {str(c[wire.CRYPTO][wire.TRAINING_ID]) for site in restarted_sites for c in site.seen}
+    assert told == {stopped.training_id}
 
     assert whole.current is not None and resumed.current is not None
     assert resumed.current.server_round == whole.current.server_round == 4

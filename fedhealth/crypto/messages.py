@@ -29,6 +29,7 @@ class Instruction:
     site_weight: float
     layout_hash: str  # "" until the aggregator has seen a first round
     key_fingerprint: str
+    training_id: str  # the same across a coordinator's restarts (resume), unlike Flower's run id
     config: ConfigRecord
 
     def check(self, key: SiteKey, layout: TensorLayout) -> None:
@@ -63,6 +64,7 @@ def read_instruction(content: RecordDict) -> Instruction:
             site_weight=float(crypto[wire.SITE_WEIGHT]),
             layout_hash=str(crypto[wire.LAYOUT_HASH]),
             key_fingerprint=str(crypto[wire.FINGERPRINT]),
+            training_id=str(crypto[wire.TRAINING_ID]),
             config=content.config_records.get(wire.CONFIG, ConfigRecord()),
         )
     except KeyError as exc:

@@ -5,7 +5,9 @@ Instruction (aggregator -> site), a RecordDict with:
                (uint8 arrays, each a serialized TenSEAL CKKSVector of one SEAL ciphertext);
                absent in round 1, when sites start from the run seed's initialisation
   `fh.crypto`  ConfigRecord: `server-round`, `weight-sum` (s), `site-weight` (this site's a_k),
-               `layout-hash` ("" until the first round fixed it), `key-fingerprint`
+               `layout-hash` ("" until the first round fixed it), `key-fingerprint`,
+               `training-id` (names the training across coordinator restarts: sites key
+               their personal layers by it, so a resumed run finds them)
   `config`     ConfigRecord: the ServerApp's train/evaluate config, plus `server-round`
 Census query (aggregator -> site, message type `query`): `fh.census` ConfigRecord with
   `key-fingerprint`, and `config` (the run config, so the site can find its data).
@@ -37,6 +39,7 @@ WEIGHT_SUM = "weight-sum"
 SITE_WEIGHT = "site-weight"
 LAYOUT_HASH = "layout-hash"
 FINGERPRINT = "key-fingerprint"
+TRAINING_ID = "training-id"
 SITE = "site"
 NUM_EXAMPLES = "num-examples"
 
