@@ -2,22 +2,20 @@
 
 Encrypted runs use `strategies.EncryptedFedAvg` with the aggregator's params-only key; plaintext
 runs use Flower's own FedAvg, so the two are directly comparable. Either way the aggregator
-holds no plaintext model in encrypted mode: round 1 starts from the seed every site derives.
+never builds a model: round 1 starts from the seed every site derives.
 """
 
 import time
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedhealth.config import ConfigError, RunConfig
 from fedhealth.crypto.aggregator_key import load_aggregator_context
-from fedhealth.models import build_model
-from fedhealth.personalization import get_policy
 from fedhealth.run_history import RunHistory, write_json_atomically
 from strategies.encrypted_fedavg import EncryptedFedAvg
 
@@ -25,15 +23,12 @@ AGGREGATOR_KEY_FILE = "aggregator.ctx"
 RESULTS_FILE = "results.json"
 
 
-def seed_shared_arrays(config: RunConfig) -> ArrayRecord:
-    """The round-1 shared tensors every site derives from the seed (plaintext mode only)."""
-    model = build_model(config.model, image_size=config.image_size, seed=config.seed)
-    shared, _ = get_policy(config.policy).partition(model).split(model.state_dict())
-    return ArrayRecord({name: Array(tensor.numpy()) for name, tensor in shared.items()})
-
-
 def build_strategy(config: RunConfig, history: RunHistory) -> tuple[Strategy, ArrayRecord]:
-    """The strategy for this run and the arrays it starts from."""
+    """The strategy for this run and the arrays it starts from.
+
+    Plaintext runs start from an empty ArrayRecord as encrypted ones do: every site builds the
+    round-1 model from the run seed, so the aggregator needs no model (nor its class count).
+    """
     common = dict(
         fraction_train=config.fraction_train,
         min_train_nodes=config.min_sites,
@@ -43,7 +38,7 @@ def build_strategy(config: RunConfig, history: RunHistory) -> tuple[Strategy, Ar
         evaluate_metrics_aggr_fn=history.aggregate_evaluate,
     )
     if not config.encrypted:
-        return FedAvg(**common), seed_shared_arrays(config)
+        return FedAvg(**common), ArrayRecord()
     if not config.key_dir:
         raise ConfigError("encrypted runs need run config 'key-dir': a folder holding the "
                           "aggregator.ctx written by `fedhealth keys init --out DIR`")
@@ -86,6 +81,8 @@ def run_federation(grid: Grid, config: RunConfig) -> dict[str, object]:
     """Run all rounds, then write and return the results (per-site metrics, timing, bytes)."""
     history = RunHistory()
     strategy, arrays = build_strategy(config, history)
+    if isinstance(strategy, EncryptedFedAvg):  # a resumed run reports its earlier rounds too
+        history.restore(strategy.history["train"], strategy.history["evaluate"])
     wait_for_sites(grid, config)
     started = time.perf_counter()
     if not config.resume:

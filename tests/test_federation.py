@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import sites.client_app as client_app
@@ -21,7 +21,7 @@ from fedhealth.crypto.keys import load_site_context
 from fedhealth.crypto.layout import TensorLayout
 from fedhealth.models import build_model
 from fedhealth.personalization import get_policy
-from fedhealth.server_app import seed_shared_arrays, wait_for_sites
+from fedhealth.server_app import wait_for_sites
 from fedhealth.simulation import simulate
 from fedhealth.synth import synthesize_federation
 from strategies.encrypted_fedavg import EncryptedFedAvg
@@ -89,6 +89,20 @@ def test_encrypted_run_leaves_a_checkpoint_the_aggregator_resumes_from(
                                checkpoint_dir=run_dirs[True] / "checkpoint", resume=True)
     assert strategy.completed_rounds == ROUNDS
     assert len(strategy.initial_arrays()) > 0
+
+
+def test_resumed_federation_continues_the_training_and_reports_every_round(
+        hospitals: Path, key_dir: Path, runs: dict[bool, dict], run_dirs: dict[bool, Path],
+        tmp_path: Path) -> None:
+    out = tmp_path / "coordinator"
+    shutil.copytree(run_dirs[True], out)  # the finished run's checkpoint and site state
+    results = simulate(_config(hospitals, key_dir, out, num_server_rounds=ROUNDS + 1,
+                               resume=True))
+    assert sorted(results["evaluate_by_round"], key=int) == [str(r) for r in range(ROUNDS + 2)]
+    assert results["evaluate_by_round"]["0"] == runs[True]["evaluate_by_round"]["0"]
+    strategy = EncryptedFedAvg(load_aggregator_context(key_dir / "aggregator.ctx"),
+                               checkpoint_dir=out / "checkpoint", resume=True)
+    assert strategy.completed_rounds == ROUNDS + 1
 
 
 def test_empty_site_fails_clearly_while_the_others_continue(
@@ -162,8 +176,8 @@ def test_plaintext_reply_holds_exactly_the_shared_tensors(
     config = _config(hospitals, key_dir, tmp_path, policy=policy, encrypted=False,
                      local_epochs=1)
     context = _context()
-    reply = client_app.train(_train_message(config, RecordDict(
-        {"arrays": seed_shared_arrays(config)})), context)
+    # round 1 as Flower's FedAvg sends it: no arrays yet, the site builds the model from the seed
+    reply = client_app.train(_train_message(config, RecordDict({"arrays": ArrayRecord()})), context)
     shared, personal = _partition(config)
     assert list(reply.content["arrays"].keys()) == list(shared)
     assert not set(reply.content["arrays"].keys()) & set(personal)
@@ -184,6 +198,8 @@ def test_encrypted_reply_decrypts_to_the_shared_tensors_only(
     shared_names, personal_names = _partition(config)
     stored = next(iter(context.state.array_records.values()))
     personal = {n: stored[n].numpy() for n in personal_names}
+    # on disk under the training id, which survives a coordinator restart (Flower's run id does not)
+    assert (tmp_path / "state" / "hospital-1" / "personal" / "hospital-1" / "run-t1.npz").exists()
     site_key = load_site_context(key_dir / "site.ctx")
     model = build_model(config.model, image_size=config.image_size)
     shared_layout = TensorLayout.of({n: t.numpy() for n, t in model.state_dict().items()
@@ -200,4 +216,5 @@ def test_encrypted_reply_decrypts_to_the_shared_tensors_only(
 def _round_one_crypto(key_dir: Path) -> ConfigRecord:
     key = load_site_context(key_dir / "site.ctx")
     return ConfigRecord({wire.SERVER_ROUND: 1, wire.WEIGHT_SUM: 0.0, wire.SITE_WEIGHT: 0.5,
-                         wire.LAYOUT_HASH: "", wire.FINGERPRINT: key.fingerprint})
+                         wire.LAYOUT_HASH: "", wire.FINGERPRINT: key.fingerprint,
+                         wire.TRAINING_ID: "t1"})
