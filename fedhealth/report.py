@@ -100,7 +100,7 @@ def plot_results(runs: list[Run], path: Path, metric: str = "balanced_accuracy")
     bars.set_ylabel(metric)
     bars.set_ylim(0, 1)
     bars.set_title("per site, after the last round")
-    bars.legend(fontsize=7)
+    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)  # off the bars
     curves.set_xlabel("round (0 = starting model)")
     curves.set_ylabel(f"mean {metric} over sites")
     curves.set_ylim(0, 1)
