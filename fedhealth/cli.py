@@ -68,6 +68,7 @@ def compare_command(
     local_epochs: int = typer.Option(2),
     learning_rate: float = typer.Option(0.003),
     image_size: int = typer.Option(64),
+    balanced_loss: bool = typer.Option(False, help="Weight classes equally in every site's loss."),
 ) -> None:
     """Run a grid of strategies on one federation and write results JSON, a table and a plot."""
     from fedhealth.compare import compare, parse_strategies
@@ -80,7 +81,8 @@ def compare_command(
         raise typer.BadParameter(str(error), param_hint="--strategies") from error
     console = report_console()
     config = RunConfig(num_server_rounds=rounds, seed=seed, model=model, local_epochs=local_epochs,
-                       learning_rate=learning_rate, image_size=image_size)
+                       learning_rate=learning_rate, image_size=image_size,
+                       balanced_loss=balanced_loss)
     results = compare(data, out, names, config, repeats=repeats, plaintext_too=plaintext_too,
                       on_run=lambda label: console.log(f"running {label}"))
     console.print(results_table(results["runs"]))  # type: ignore[arg-type]

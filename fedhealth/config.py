@@ -24,6 +24,8 @@ class RunConfig:
     expected_sites: sites the ServerApp waits for before round 0, up to `join_timeout` seconds;
         0 starts as soon as `min_sites` are connected. Flower samples from whoever is connected,
         so without this wait a site that joins a second late sits out round 0.
+    balanced_loss: weight each class equally in a site's training loss, whatever its prevalence
+        there; keeps personal heads from learning only their site's majority class.
     """
 
     num_server_rounds: int = 3
@@ -42,6 +44,7 @@ class RunConfig:
     optimizer: str = "adam"
     learning_rate: float = 0.001
     proximal_mu: float = 0.01
+    balanced_loss: bool = False
     uniform_weights: bool = False
     data_dir: str = ""
     key_dir: str = ""

@@ -5,7 +5,7 @@ tensors they load, which parameters they train, and which anchor the proximal te
 """
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,7 +14,7 @@ import torch
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, compute_roc_auc
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from fedhealth.config import RunConfig
 from fedhealth.models import Task, build_model, model_spec
@@ -49,6 +49,7 @@ class TrainSettings:
     proximal_mu: float = 0.01
     head_epochs: int = 1
     image_size: int = 64
+    balanced_loss: bool = False
     device: str = field(default_factory=default_device)
 
     def __post_init__(self) -> None:
@@ -64,7 +65,8 @@ class TrainSettings:
     def from_run_config(cls, config: RunConfig) -> "TrainSettings":
         return cls(local_epochs=config.local_epochs, batch_size=config.batch_size,
                    optimizer=config.optimizer, learning_rate=config.learning_rate,
-                   proximal_mu=config.proximal_mu, image_size=config.image_size)
+                   proximal_mu=config.proximal_mu, image_size=config.image_size,
+                   balanced_loss=config.balanced_loss)
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,8 @@ def _fit(model: nn.Module, dataset: Dataset, settings: TrainSettings, task: Task
         p.requires_grad_(False)
     anchored = [(p, anchor[n]) for n, p in model.named_parameters() if anchor and n in anchor]
     optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.learning_rate)
-    loss_fn = _loss(task)
+    balanced = settings.balanced_loss and task == "classification"
+    loss_fn = BalancedCrossEntropy(dataset_labels(dataset)) if balanced else _loss(task)
     model.train()
     try:
         with torch.random.fork_rng(devices=[]):
@@ -229,6 +232,35 @@ def _fit(model: nn.Module, dataset: Dataset, settings: TrainSettings, task: Task
         for p in frozen:
             p.requires_grad_(True)
     return total / count
+
+
+class BalancedCrossEntropy(nn.Module):
+    """Cross-entropy in which every class present weighs the same, whatever its prevalence.
+
+    Equal to `nn.CrossEntropyLoss(weight=n / (k * n_c))`; weights are per sample, so a class
+    absent from the site needs no entry.
+    """
+
+    def __init__(self, labels: Sequence[int]) -> None:
+        super().__init__()
+        counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long)).float()
+        present = int((counts > 0).sum())
+        self.register_buffer("class_weight", counts.sum() / (present * counts.clamp(min=1)))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weight.to(logits.device)[target]
+        losses = nn.functional.cross_entropy(logits, target, reduction="none")
+        return (losses * weight).sum() / weight.sum()
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Class labels of a site's dataset (or of several, concatenated), without decoding images."""
+    if isinstance(dataset, ConcatDataset):
+        return [label for part in dataset.datasets for label in dataset_labels(part)]
+    items = getattr(dataset, "data", None)  # MONAI datasets keep their undecoded item dicts
+    if items is None:
+        items = (dataset[i] for i in range(len(dataset)))  # type: ignore[arg-type]
+    return [int(item["label"]) for item in items]
 
 
 def _assemble(policy: Policy, model_name: str, global_shared: Mapping[str, np.ndarray] | None,

@@ -13,8 +13,10 @@ from fedhealth.config import RunConfig
 from fedhealth.models import build_model
 from fedhealth.personalization import PERSONAL_MODEL_PREFIX, POLICY_NAMES, get_policy
 from sites.training import (
+    BalancedCrossEntropy,
     TrainSettings,
     classification_metrics,
+    dataset_labels,
     evaluate_model,
     evaluate_site,
     local_round,
@@ -209,3 +211,37 @@ def test_settings_from_the_run_config() -> None:
     assert (settings.local_epochs, settings.optimizer) == (3, "sgd")
     assert settings.learning_rate == config.learning_rate
     assert settings.device in ("cpu", "cuda")
+
+
+# ------------------------------------------------------------------ balanced loss
+def test_balanced_cross_entropy_is_torchs_loss_with_inverse_frequency_class_weights() -> None:
+    labels = torch.tensor([0] * 3 + [1] * 9)
+    logits = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.CrossEntropyLoss(weight=torch.tensor([12 / (2 * 3), 12 / (2 * 9)]))
+    assert BalancedCrossEntropy(labels.tolist())(logits, labels).item() == pytest.approx(
+        expected(logits, labels).item())
+    # a class this site lacks (2) has no say; labels it holds keep their equal weights
+    three = torch.randn(12, 3, generator=torch.Generator().manual_seed(1))
+    assert BalancedCrossEntropy(labels.tolist())(three, labels).item() == pytest.approx(
+        torch.nn.CrossEntropyLoss(weight=torch.tensor([2.0, 2 / 3, 1.0]))(three, labels).item())
+
+
+def test_dataset_labels_reads_monai_items_without_decoding_and_any_dataset_by_item() -> None:
+    from monai.data import Dataset as MonaiDataset
+    from torch.utils.data import ConcatDataset
+
+    undecodable = MonaiDataset([{"image": "/nonexistent.dcm", "label": k % 3} for k in range(5)])
+    assert dataset_labels(ConcatDataset([undecodable, Blobs(4, seed=0)])) == [0, 1, 2, 0, 1,
+                                                                               0, 1, 0, 1]
+
+
+def test_balanced_loss_lifts_balanced_accuracy_on_a_site_with_one_rare_class() -> None:
+    rare = Blobs(64, seed=4)
+    keep = [i for i in range(len(rare)) if rare.labels[i] == 1 or i % 16 == 0]  # 4 of 32 negatives
+    skewed = torch.utils.data.Subset(rare, keep)
+    scores = {}
+    for balanced in (False, True):
+        settings = replace(SETTINGS, balanced_loss=balanced)
+        model = train_centrally("tiny", skewed, settings, num_classes=2, seed=0, epochs=2)
+        scores[balanced] = evaluate_model(model, Blobs(64, seed=5), settings)["balanced_accuracy"]
+    assert scores[True] > scores[False] + 0.1, scores
