@@ -25,7 +25,7 @@ class RunConfig:
         0 starts as soon as `min_sites` are connected. Flower samples from whoever is connected,
         so without this wait a site that joins a second late sits out round 0.
     balanced_loss: weight each class equally in a site's training loss, whatever its prevalence
-        there; keeps personal heads from learning only their site's majority class.
+        there; for sites so skewed that a model predicts only their majority class.
     """
 
     num_server_rounds: int = 3
