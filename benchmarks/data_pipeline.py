@@ -15,7 +15,7 @@ import torch
 from monai.data import Dataset
 from torch.utils.data import DataLoader
 
-from fedhealth.synth import synthesize_federation
+from fedhealth.core.synth import synthesize_federation
 from sites.dataset import load_site, site_transforms
 
 

@@ -28,10 +28,10 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from fedhealth.crypto.codec import decrypt_global, encrypt_update
-from fedhealth.crypto.keys import init_key_files, load_aggregator_context, load_site_context
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.crypto.wire import ciphertexts_to_record, record_to_ciphertexts
+from fedhealth.core.crypto.codec import decrypt_global, encrypt_update
+from fedhealth.core.crypto.keys import init_key_files, load_aggregator_context, load_site_context
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.wire import ciphertexts_to_record, record_to_ciphertexts
 from strategies.reply_check import parse_ciphertexts
 
 T = TypeVar("T")

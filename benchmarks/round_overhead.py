@@ -2,7 +2,7 @@
 
     python benchmarks/round_overhead.py --json OUT.json
 
-Synthesizes the demo's hospitals (`fedhealth.demo`), runs the demo's federation config once
+Synthesizes the demo's hospitals (`fedhealth.app.demo`), runs the demo's federation config once
 encrypted (`EncryptedFedAvg`, CKKS) and once in plaintext (Flower's FedAvg) in the simulation
 engine, and compares the median wall time of rounds 1..R (train + evaluate, from the run
 history's `round_seconds`). The median keeps round 1's one-off warm-up out of the figure;
@@ -21,11 +21,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedhealth.config import RunConfig
-from fedhealth.crypto.keys import init_key_files
-from fedhealth.demo import DEMO_CONFIG, DEMO_IMAGES_PER_SITE, DEMO_SITES
-from fedhealth.simulation import simulate
-from fedhealth.synth import synthesize_federation
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto.keys import init_key_files
+from fedhealth.app.demo import DEMO_CONFIG, DEMO_IMAGES_PER_SITE, DEMO_SITES
+from fedhealth.app.simulation import simulate
+from fedhealth.core.synth import synthesize_federation
 
 TARGET_RATIO = 1.3
 

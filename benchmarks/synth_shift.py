@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from fedhealth.synth import synthesize_federation
+from fedhealth.core.synth import synthesize_federation
 from sites.dataset import load_site
 
 

@@ -15,11 +15,11 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedhealth.config import RunConfig
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.crypto.messages import build_census_reply, is_census
-from fedhealth.models import build_model, model_spec
-from fedhealth.personalization import get_policy
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.messages import build_census_reply, is_census
+from fedhealth.core.models import build_model, model_spec
+from fedhealth.core.personalization import get_policy
 from sites.audit import AuditLog
 from sites.dataset import SiteSplits, load_site
 from sites.exchange import Exchange, cached_site_key, read_exchange, read_run_config

@@ -17,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import MediaStorageDirectoryStorage
 
-from fedhealth.atomic_file import write_atomically
+from fedhealth.core.atomic_file import write_atomically
 
 
 class SiteDataError(ValueError):

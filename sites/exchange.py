@@ -1,6 +1,6 @@
 """How a site reads the aggregator's message and words its reply, encrypted or not.
 
-Encrypted runs speak `fedhealth.crypto.messages` (E(global) in, E(a_k * shared) out). Plaintext
+Encrypted runs speak `fedhealth.core.crypto.messages` (E(global) in, E(a_k * shared) out). Plaintext
 runs speak Flower FedAvg's format (`arrays` + `config` in, `arrays` + `metrics` out) so they can
 be compared with the same training code. Every reply also carries the `site` record the
 ServerApp's run history reads (site name and round), never anything about patients.
@@ -15,17 +15,17 @@ from typing import Protocol
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedhealth.config import RunConfig
-from fedhealth.crypto.keys import SiteKey, load_site_context
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.crypto.messages import (
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto.keys import SiteKey, load_site_context
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.messages import (
     Instruction,
     build_evaluate_reply,
     build_reply,
     metric_record,
     read_instruction,
 )
-from fedhealth.run_history import SITE_RECORD
+from fedhealth.core.run_history import SITE_RECORD
 
 Arrays = dict[str, np.ndarray]
 PLAIN_ARRAYS = "arrays"

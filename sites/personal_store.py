@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedhealth.atomic_file import write_atomically
+from fedhealth.core.atomic_file import write_atomically
 
 RECORD_PREFIX = "fedhealth.personal"
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhealth.config import RunConfig
+from fedhealth.core.config import RunConfig
 
 SITE_KEY_FILE = "site.ctx"
 

@@ -16,9 +16,9 @@ from monai.metrics import DiceMetric, compute_roc_auc
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from fedhealth.config import RunConfig
-from fedhealth.models import Task, build_model, model_spec
-from fedhealth.personalization import PERSONAL_MODEL_PREFIX, Partition, Policy
+from fedhealth.core.config import RunConfig
+from fedhealth.core.models import Task, build_model, model_spec
+from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX, Partition, Policy
 
 Arrays = dict[str, np.ndarray]
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhealth.atomic_file import write_atomically
+from fedhealth.core.atomic_file import write_atomically
 
 CHECKPOINT_FILE = "encrypted_global.npz"
 HISTORY_FILE = "site_metrics.json"

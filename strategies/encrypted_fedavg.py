@@ -18,9 +18,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
-from fedhealth.crypto import wire
-from fedhealth.crypto.aggregator_key import AggregatorKey
-from fedhealth.run_history import SiteMetrics
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.aggregator_key import AggregatorKey
+from fedhealth.core.run_history import SiteMetrics
 from strategies.checkpoint import EncryptedGlobal, load_checkpoint, save_checkpoint, save_history
 from strategies.reply_check import (
     ReplyRejected,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import tenseal as ts
 from flwr.app import Message, RecordDict
 
-from fedhealth.crypto import wire
-from fedhealth.crypto.aggregator_key import AggregatorKey
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.aggregator_key import AggregatorKey
 
 
 class ReplyRejected(ValueError):

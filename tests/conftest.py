@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhealth.crypto.keys import SiteKey, init_key_files, load_site_context
-from fedhealth.synth import synthesize_federation
+from fedhealth.core.crypto.keys import SiteKey, init_key_files, load_site_context
+from fedhealth.core.synth import synthesize_federation
 
 SYNTH_SITES, SYNTH_IMAGES, SYNTH_SIZE, SYNTH_SEED = 3, 40, 64, 11
 

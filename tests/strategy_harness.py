@@ -1,7 +1,7 @@
 """Simulated sites and a Grid fake that drive `EncryptedFedAvg` with real TenSEAL messages.
 
 The fake only routes messages; every ciphertext is built by the site helpers in
-`fedhealth.crypto.messages` with a real secret key.
+`fedhealth.core.crypto.messages` with a real secret key.
 """
 
 from collections.abc import Callable, Iterable
@@ -11,9 +11,9 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedhealth.crypto.keys import SiteKey
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.crypto.messages import (
+from fedhealth.core.crypto.keys import SiteKey
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.messages import (
     build_census_reply,
     build_evaluate_reply,
     build_reply,

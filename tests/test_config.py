@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhealth.config import ConfigError, RunConfig
+from fedhealth.core.config import ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -5,18 +5,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, RecordDict
 
-from fedhealth.crypto import wire
-from fedhealth.crypto.codec import decrypt_global, decrypt_vector, encrypt_update, encrypt_vector
-from fedhealth.crypto.keys import (
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.codec import decrypt_global, decrypt_vector, encrypt_update, encrypt_vector
+from fedhealth.core.crypto.keys import (
     AggregatorKey,
     SiteKey,
     init_key_files,
     load_aggregator_context,
     load_site_context,
 )
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.crypto.messages import InstructionError, build_reply, read_instruction
-from fedhealth.crypto.presets import PRESETS, HeadroomError
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.messages import InstructionError, build_reply, read_instruction
+from fedhealth.core.crypto.presets import PRESETS, HeadroomError
 from strategies.reply_check import parse_ciphertexts
 
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedhealth.cli import app
-from fedhealth.crypto.keyfile import KeyFileError, params_only
-from fedhealth.crypto.keys import (
+from fedhealth.app.cli import app
+from fedhealth.core.crypto.keyfile import KeyFileError, params_only
+from fedhealth.core.crypto.keys import (
     AGGREGATOR_FILE,
     SITE_FILE,
     init_key_files,
     load_aggregator_context,
     load_site_context,
 )
-from fedhealth.crypto.presets import CkksPreset, HeadroomError, get_preset
+from fedhealth.core.crypto.presets import CkksPreset, HeadroomError, get_preset
 
 
 def test_site_file_is_private_and_aggregator_file_has_no_keys(key_dir: Path) -> None:

@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from fedhealth.crypto.aggregator_key import load_aggregator_context
-from fedhealth.crypto.keyfile import KeyFile, KeyFileError
-from fedhealth.crypto.keys import load_site_context
-from fedhealth.deployment import pki
-from fedhealth.deployment.bundles import (
+from fedhealth.core.crypto.aggregator_key import load_aggregator_context
+from fedhealth.core.crypto.keyfile import KeyFile, KeyFileError
+from fedhealth.core.crypto.keys import load_site_context
+from fedhealth.app.deployment import pki
+from fedhealth.app.deployment.bundles import (
     BundleError,
     CoordinatorBundle,
     init_federation,

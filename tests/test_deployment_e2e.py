@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from fedhealth.deployment import launch, pki
-from fedhealth.deployment.bundles import CoordinatorBundle, init_federation
-from fedhealth.synth.federation import synthesize_federation
+from fedhealth.app.deployment import launch, pki
+from fedhealth.app.deployment.bundles import CoordinatorBundle, init_federation
+from fedhealth.core.synth.federation import synthesize_federation
 from sites.audit import AuditLog
 
 pytestmark = pytest.mark.slow
 
 SITES = ["a", "b", "c"]
-FEDHEALTH = [sys.executable, "-c", "from fedhealth.cli import app; app()"]
+FEDHEALTH = [sys.executable, "-c", "from fedhealth.app.cli import app; app()"]
 CTX_HOOK = '''import os, sys
 def _hook(event, args):
     path = args[0] if event == "open" else None

@@ -7,10 +7,10 @@ import pytest
 from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
 
-from fedhealth.cli import app
-from fedhealth.deployment.bundles import init_federation
-from fedhealth.deployment.site_config import SiteConfigError, load_site_config, preflight
-from fedhealth.synth.federation import synthesize_federation
+from fedhealth.app.cli import app
+from fedhealth.app.deployment.bundles import init_federation
+from fedhealth.app.deployment.site_config import SiteConfigError, load_site_config, preflight
+from fedhealth.core.synth.federation import synthesize_federation
 
 
 @pytest.fixture(scope="module")

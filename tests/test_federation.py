@@ -13,17 +13,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 import sites.client_app as client_app
-from fedhealth.config import RunConfig
-from fedhealth.crypto import wire
-from fedhealth.crypto.aggregator_key import load_aggregator_context
-from fedhealth.crypto.codec import decrypt_global
-from fedhealth.crypto.keys import load_site_context
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.models import build_model
-from fedhealth.personalization import get_policy
-from fedhealth.server_app import wait_for_sites
-from fedhealth.simulation import simulate
-from fedhealth.synth import synthesize_federation
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.aggregator_key import load_aggregator_context
+from fedhealth.core.crypto.codec import decrypt_global
+from fedhealth.core.crypto.keys import load_site_context
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.models import build_model
+from fedhealth.core.personalization import get_policy
+from fedhealth.app.server_app import wait_for_sites
+from fedhealth.app.simulation import simulate
+from fedhealth.core.synth import synthesize_federation
 from strategies.encrypted_fedavg import EncryptedFedAvg
 
 ROUNDS = 2

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from fedhealth.models import MODEL_NAMES, build_model, model_spec
+from fedhealth.core.models import MODEL_NAMES, build_model, model_spec
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -22,7 +22,7 @@ def test_same_seed_same_model_other_seed_other_model(name: str) -> None:
 
 def test_identical_across_processes() -> None:
     # Every site builds round 1 in its own process: the weights must not depend on the process.
-    code = ("import torch; from fedhealth.models import build_model; "
+    code = ("import torch; from fedhealth.core.models import build_model; "
             "print(sum(float(t.double().sum()) for t in build_model('tiny', seed=5)"
             ".state_dict().values()))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -9,8 +9,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-APPS = ("fedhealth.server_app", "sites.client_app", "strategies.encrypted_fedavg",
-        "fedhealth.cli")
+APPS = ("fedhealth.app.server_app", "sites.client_app", "strategies.encrypted_fedavg",
+        "fedhealth.app.cli")
 PACKAGES = {"fedhealth", "sites", "strategies"}
 
 

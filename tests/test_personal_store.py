@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedhealth.personalization import PERSONAL_MODEL_PREFIX
+from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX
 from sites.personal_store import PersonalStore, PersonalStoreError
 
 TENSORS = {

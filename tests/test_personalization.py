@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedhealth.models import build_model
-from fedhealth.personalization import POLICY_NAMES, Partition, get_policy, head_module, norm_modules
+from fedhealth.core.models import build_model
+from fedhealth.core.personalization import POLICY_NAMES, Partition, get_policy, head_module, norm_modules
 
 HEAD = {"class_layers.out.weight", "class_layers.out.bias"}
 

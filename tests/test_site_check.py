@@ -7,8 +7,8 @@ from pathlib import Path
 import pydicom.data
 from typer.testing import CliRunner
 
-from fedhealth.cli import app
-from fedhealth.synth import synthesize_federation
+from fedhealth.app.cli import app
+from fedhealth.core.synth import synthesize_federation
 from sites.site_check import check_site
 
 FIELDS = {"site", "path", "labels_file", "files", "images", "patients", "studies", "modalities",

@@ -10,9 +10,9 @@ import pydicom
 import pytest
 import torch
 
-from fedhealth.synth.dicom import ImageIds, write_image
-from fedhealth.synth.phantom import Radiograph
-from fedhealth.synth.vendors import REFERENCE, VENDORS
+from fedhealth.core.synth.dicom import ImageIds, write_image
+from fedhealth.core.synth.phantom import Radiograph
+from fedhealth.core.synth.vendors import REFERENCE, VENDORS
 from sites import dicom_files
 from sites.dataset import SiteDataError, index_site, load_site, site_transforms, split_patients
 from sites.dicom_files import DicomImage, inspect_file
@@ -147,7 +147,7 @@ def test_items_are_cached_tensors_so_epochs_never_decode(site: Path) -> None:
 
 
 def test_persistent_cache_and_segmentation_masks(tmp_path: Path) -> None:
-    from fedhealth.synth import synthesize_federation
+    from fedhealth.core.synth import synthesize_federation
 
     synthesize_federation(tmp_path / "fed", 1, 0, images_per_site=10, segmentation_masks=True)
     splits = load_site(tmp_path / "fed" / "hospital-1", task="segmentation",

@@ -9,16 +9,16 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from strategy_harness import FakeGrid, FakeSite, random_tensors
 
-from fedhealth.crypto import wire
-from fedhealth.crypto.codec import decrypt_global, encrypt_update
-from fedhealth.crypto.keys import (
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.codec import decrypt_global, encrypt_update
+from fedhealth.core.crypto.keys import (
     SiteKey,
     init_key_files,
     load_aggregator_context,
     load_site_context,
 )
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.crypto.presets import PRESETS
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.presets import PRESETS
 from strategies.checkpoint import CHECKPOINT_FILE
 from strategies.encrypted_fedavg import EncryptedFedAvg
 

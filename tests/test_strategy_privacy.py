@@ -11,9 +11,9 @@ import tenseal as ts
 from flwr.app import ArrayRecord
 from strategy_harness import FakeGrid, FakeSite, random_tensors
 
-from fedhealth.crypto import wire
-from fedhealth.crypto.keyfile import KeyFile
-from fedhealth.crypto.keys import (
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.keyfile import KeyFile
+from fedhealth.core.crypto.keys import (
     SiteKey,
     init_key_files,
     load_aggregator_context,
@@ -22,7 +22,7 @@ from fedhealth.crypto.keys import (
 from strategies.encrypted_fedavg import EncryptedFedAvg
 
 STRATEGIES = Path(__file__).resolve().parents[1] / "strategies"
-SITE_SIDE = {"fedhealth.crypto.keys", "fedhealth.crypto.codec", "fedhealth.crypto.messages",
+SITE_SIDE = {"fedhealth.core.crypto.keys", "fedhealth.core.crypto.codec", "fedhealth.core.crypto.messages",
              "sites"}
 
 
@@ -89,7 +89,7 @@ def test_importing_strategies_loads_no_site_side_module() -> None:
                                 text=True).stdout.split())
     leaked = {m for m in loaded if any(m == s or m.startswith(s + ".") for s in SITE_SIDE)}
     assert not leaked, f"strategies/ pulls in site-side modules: {sorted(leaked)}"
-    assert "fedhealth.crypto.aggregator_key" in loaded  # the check itself can see imports
+    assert "fedhealth.core.crypto.aggregator_key" in loaded  # the check itself can see imports
 
 
 def _is_secret_context(blob: bytes) -> bool:

@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from fedhealth.cli import app
-from fedhealth.synth import synthesize_federation
+from fedhealth.app.cli import app
+from fedhealth.core.synth import synthesize_federation
 
 
 def _digests(root: Path) -> dict[str, str]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from fedhealth.config import RunConfig
-from fedhealth.models import build_model
-from fedhealth.personalization import PERSONAL_MODEL_PREFIX, POLICY_NAMES, get_policy
+from fedhealth.core.config import RunConfig
+from fedhealth.core.models import build_model
+from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX, POLICY_NAMES, get_policy
 from sites.training import (
     BalancedCrossEntropy,
     TrainSettings,

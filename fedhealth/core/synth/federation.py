@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from fedhealth.synth.dicom import ImageIds, write_image
-from fedhealth.synth.phantom import render
-from fedhealth.synth.vendors import Vendor, vendor_for_site
+from fedhealth.core.synth.dicom import ImageIds, write_image
+from fedhealth.core.synth.phantom import render
+from fedhealth.core.synth.vendors import Vendor, vendor_for_site
 
 LABELS_FILE = "labels.csv"
 MASKS_DIR = "masks"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tenseal as ts
 
-from fedhealth.crypto.keyfile import KeyFileError, LoadedKey
+from fedhealth.core.crypto.keyfile import KeyFileError, LoadedKey
 
 
 class AggregatorKey(LoadedKey):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import tenseal as ts
 
-from fedhealth.crypto.aggregator_key import AggregatorKey, load_aggregator_context
-from fedhealth.crypto.keyfile import KeyFile, KeyFileError, LoadedKey, params_only
-from fedhealth.crypto.presets import get_preset
+from fedhealth.core.crypto.aggregator_key import AggregatorKey, load_aggregator_context
+from fedhealth.core.crypto.keyfile import KeyFile, KeyFileError, LoadedKey, params_only
+from fedhealth.core.crypto.presets import get_preset
 
 __all__ = [
     "AGGREGATOR_FILE",

@@ -11,10 +11,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from fedhealth.compare import compare
-from fedhealth.config import RunConfig
-from fedhealth.report import plot_results, results_table
-from fedhealth.synth import synthesize_federation
+from fedhealth.app.compare import compare
+from fedhealth.core.config import RunConfig
+from fedhealth.app.report import plot_results, results_table
+from fedhealth.core.synth import synthesize_federation
 from sites.site_check import check_site, summary_table
 
 DEMO_SITES = 3

@@ -11,10 +11,10 @@ import tenseal as ts
 import tenseal.sealapi as seal
 from flwr.app import ArrayRecord
 
-from fedhealth.crypto.keys import SiteKey
-from fedhealth.crypto.layout import TensorLayout
-from fedhealth.crypto.seal_bytes import SealSink, vector_bytes
-from fedhealth.crypto.wire import chunk_sizes, ciphertexts_to_record, record_to_ciphertexts
+from fedhealth.core.crypto.keys import SiteKey
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.seal_bytes import SealSink, vector_bytes
+from fedhealth.core.crypto.wire import chunk_sizes, ciphertexts_to_record, record_to_ciphertexts
 
 
 def encrypt_vector(key: SiteKey, vector: np.ndarray) -> list[bytes]:

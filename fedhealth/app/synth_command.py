@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fedhealth.synth.federation import synthesize_federation
+from fedhealth.core.synth.federation import synthesize_federation
 
 
 def synth(

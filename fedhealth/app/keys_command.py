@@ -5,8 +5,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fedhealth.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
-from fedhealth.crypto.presets import PRESETS, get_preset
+from fedhealth.core.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
+from fedhealth.core.crypto.presets import PRESETS, get_preset
 
 
 def keys_init(

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from fedhealth.deployment.bundles import CoordinatorBundle, split_address
-from fedhealth.deployment.site_config import SiteConfig
+from fedhealth.app.deployment.bundles import CoordinatorBundle, split_address
+from fedhealth.app.deployment.site_config import SiteConfig
 
 CONNECTION = "fedhealth"
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
@@ -200,7 +200,7 @@ def stream_log(bundle: CoordinatorBundle, run_id: int) -> Iterator[str]:
 
 def default_app_dir() -> Path:
     """The fedhealth project folder (the Flower App `flwr run` bundles)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if not (root / "pyproject.toml").is_file():
         raise LaunchError("cannot find the fedhealth app folder (pyproject.toml); pass --app")
     return root

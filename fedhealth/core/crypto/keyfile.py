@@ -13,7 +13,7 @@ from typing import Self
 
 import tenseal as ts
 
-from fedhealth.crypto.presets import CkksPreset, get_preset
+from fedhealth.core.crypto.presets import CkksPreset, get_preset
 
 MAGIC = b"fedhealth-ckks-key/1\n"
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset, Dataset
 
-from fedhealth.config import RunConfig
-from fedhealth.crypto.keys import init_key_files
-from fedhealth.models import model_spec
-from fedhealth.personalization import POLICY_NAMES
-from fedhealth.run_history import EVALUATION_METRICS, mean_metrics, write_json_atomically
-from fedhealth.simulation import simulate
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto.keys import init_key_files
+from fedhealth.core.models import model_spec
+from fedhealth.core.personalization import POLICY_NAMES
+from fedhealth.core.run_history import EVALUATION_METRICS, mean_metrics, write_json_atomically
+from fedhealth.app.simulation import simulate
 from sites.dataset import SiteSplits, load_site
 from sites.site_settings import simulated_site_dirs
 from sites.training import TrainSettings, evaluate_model, train_centrally

@@ -15,14 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedhealth.deployment import launch, pki
-from fedhealth.deployment.bundles import (
+from fedhealth.app.deployment import launch, pki
+from fedhealth.app.deployment.bundles import (
     BundleError,
     CoordinatorBundle,
     init_federation,
     parse_sites,
 )
-from fedhealth.deployment.site_config import SiteConfigError, load_site_config, preflight
+from fedhealth.app.deployment.site_config import SiteConfigError, load_site_config, preflight
 
 console = Console(stderr=True)
 _SITE_HINT = ("'Failed to activate SuperNode' above means the coordinator has not registered this "

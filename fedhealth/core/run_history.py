@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedhealth.atomic_file import write_atomically
+from fedhealth.core.atomic_file import write_atomically
 
 SITE_RECORD = "site"
 """Name of the ConfigRecord every site reply carries: {"name": str, "server-round": int}."""

@@ -14,9 +14,9 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedhealth.config import ConfigError, RunConfig
-from fedhealth.crypto.aggregator_key import load_aggregator_context
-from fedhealth.run_history import RunHistory, write_json_atomically
+from fedhealth.core.config import ConfigError, RunConfig
+from fedhealth.core.crypto.aggregator_key import load_aggregator_context
+from fedhealth.core.run_history import RunHistory, write_json_atomically
 from strategies.encrypted_fedavg import EncryptedFedAvg
 
 AGGREGATOR_KEY_FILE = "aggregator.ctx"

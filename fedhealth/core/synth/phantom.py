@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedhealth.synth.vendors import Vendor
+from fedhealth.core.synth.vendors import Vendor
 
 NOMINAL_FOV_MM = 400.0
 

@@ -21,17 +21,17 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(federation_app, name="federation")
 
 # --- command registration (each area adds its lines here) -------------------
-from fedhealth.synth.command import synth  # noqa: E402
+from fedhealth.app.synth_command import synth  # noqa: E402
 from sites.site_check import check_command  # noqa: E402
 
 app.command()(synth)
 site_app.command(name="check")(check_command)
 
-from fedhealth.crypto.cli import keys_init  # noqa: E402
+from fedhealth.app.keys_command import keys_init  # noqa: E402
 
 keys_app.command("init")(keys_init)
 
-from fedhealth.deployment import commands as deployment  # noqa: E402
+from fedhealth.app.deployment import commands as deployment  # noqa: E402
 
 federation_app.command("init")(deployment.federation_init)
 federation_app.command("start")(deployment.federation_start)
@@ -49,7 +49,7 @@ def report_console() -> Console:
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Folder for data, results and plot."),
          seed: int = typer.Option(7, help="Seed for data and training.")) -> None:
     """Synthesize 3 hospitals and compare encrypted personalized federations on them."""
-    from fedhealth.demo import run_demo
+    from fedhealth.app.demo import run_demo
 
     run_demo(out, seed, report_console())
 
@@ -71,9 +71,9 @@ def compare_command(
     balanced_loss: bool = typer.Option(False, help="Weight classes equally in every site's loss."),
 ) -> None:
     """Run a grid of strategies on one federation and write results JSON, a table and a plot."""
-    from fedhealth.compare import compare, parse_strategies
-    from fedhealth.config import RunConfig
-    from fedhealth.report import plot_results, results_table
+    from fedhealth.app.compare import compare, parse_strategies
+    from fedhealth.core.config import RunConfig
+    from fedhealth.app.report import plot_results, results_table
 
     try:
         names = parse_strategies(strategies)

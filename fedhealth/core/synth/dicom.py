@@ -18,8 +18,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
 )
 
-from fedhealth.synth.phantom import Radiograph
-from fedhealth.synth.vendors import Vendor
+from fedhealth.core.synth.phantom import Radiograph
+from fedhealth.core.synth.vendors import Vendor
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Site-side reading of the aggregator's instructions and building of replies.
 
-Record names are documented in `fedhealth.crypto.wire`. Only `sites/` imports this module.
+Record names are documented in `fedhealth.core.crypto.wire`. Only `sites/` imports this module.
 """
 
 from collections.abc import Mapping
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedhealth.crypto import wire
-from fedhealth.crypto.codec import decrypt_global, encrypt_update
-from fedhealth.crypto.keys import SiteKey
-from fedhealth.crypto.layout import TensorLayout
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.codec import decrypt_global, encrypt_update
+from fedhealth.core.crypto.keys import SiteKey
+from fedhealth.core.crypto.layout import TensorLayout
 
 
 class InstructionError(ValueError):

@@ -1,0 +1,3 @@
+"""The app layer, on top of the sites and the aggregator: ServerApp, simulation, compare, demo,
+the `fedhealth` CLI and deployment. Nothing below imports it.
+"""
