@@ -21,10 +21,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedhealth.core.config import RunConfig
-from fedhealth.core.crypto.keys import init_key_files
 from fedhealth.app.demo import DEMO_CONFIG, DEMO_IMAGES_PER_SITE, DEMO_SITES
 from fedhealth.app.simulation import simulate
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto.keys import init_key_files
 from fedhealth.core.synth import synthesize_federation
 
 TARGET_RATIO = 1.3

@@ -13,9 +13,6 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from fedhealth.core.crypto.aggregator_key import load_aggregator_context
-from fedhealth.core.crypto.keyfile import KeyFile, KeyFileError
-from fedhealth.core.crypto.keys import load_site_context
 from fedhealth.app.deployment import pki
 from fedhealth.app.deployment.bundles import (
     BundleError,
@@ -23,6 +20,9 @@ from fedhealth.app.deployment.bundles import (
     init_federation,
     parse_sites,
 )
+from fedhealth.core.crypto.aggregator_key import load_aggregator_context
+from fedhealth.core.crypto.keyfile import KeyFile, KeyFileError
+from fedhealth.core.crypto.keys import load_site_context
 
 SITES = ["a", "b", "c"]
 

@@ -72,8 +72,8 @@ def compare_command(
 ) -> None:
     """Run a grid of strategies on one federation and write results JSON, a table and a plot."""
     from fedhealth.app.compare import compare, parse_strategies
-    from fedhealth.core.config import RunConfig
     from fedhealth.app.report import plot_results, results_table
+    from fedhealth.core.config import RunConfig
 
     try:
         names = parse_strategies(strategies)

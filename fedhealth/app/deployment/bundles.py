@@ -16,8 +16,8 @@ from pathlib import Path
 
 from flwr.supercore.address import parse_address
 
-from fedhealth.core.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
 from fedhealth.app.deployment import pki
+from fedhealth.core.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
 
 COORDINATOR = "coordinator"
 CA_DIR = "ca"

@@ -8,9 +8,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhealth.core.crypto.keys import KeyFileError, load_site_context
 from fedhealth.app.deployment import pki
 from fedhealth.app.deployment.bundles import BundleError, split_address
+from fedhealth.core.crypto.keys import KeyFileError, load_site_context
 from sites.dataset import SiteDataError
 from sites.site_check import SiteReport, check_site
 
