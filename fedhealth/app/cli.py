@@ -1,6 +1,8 @@
 """The `fedhealth` command line: one root app, one sub-app per party.
 
-Each command lives next to the code it drives; this module only wires them together.
+Each command lives next to the code it drives; this module only wires them together. Command
+modules import torch, MONAI, TenSEAL and Flower inside their functions, never at the top, so
+`fedhealth --help` (and every `--help`) answers without loading them (tests/test_cli_startup.py).
 """
 
 import os
@@ -9,6 +11,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from fedhealth.app.deployment import commands as deployment
+from fedhealth.app.keys_command import keys_init
+from fedhealth.app.synth_command import synth
+from sites.site_check import check_command
 
 app = typer.Typer(help="Encrypted, personalized federated learning for medical imaging.",
                   no_args_is_help=True, add_completion=False)
@@ -20,23 +27,13 @@ app.add_typer(site_app, name="site")
 app.add_typer(keys_app, name="keys")
 app.add_typer(federation_app, name="federation")
 
-# --- command registration (each area adds its lines here) -------------------
-from fedhealth.app.synth_command import synth  # noqa: E402
-from sites.site_check import check_command  # noqa: E402
-
 app.command()(synth)
 site_app.command(name="check")(check_command)
-
-from fedhealth.app.keys_command import keys_init  # noqa: E402
-
+site_app.command("start")(deployment.site_start)
 keys_app.command("init")(keys_init)
-
-from fedhealth.app.deployment import commands as deployment  # noqa: E402
-
 federation_app.command("init")(deployment.federation_init)
 federation_app.command("start")(deployment.federation_start)
 federation_app.command("run")(deployment.federation_run)
-site_app.command("start")(deployment.site_start)
 
 
 def report_console() -> Console:

@@ -1,11 +1,13 @@
-"""`fedhealth keys init`: a federation's CKKS key files."""
+"""`fedhealth keys init`: a federation's CKKS key files.
+
+TenSEAL loads only when the command runs, so `fedhealth --help` stays instant.
+"""
 
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from fedhealth.core.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
 from fedhealth.core.crypto.presets import PRESETS, get_preset
 
 
@@ -15,6 +17,8 @@ def keys_init(
     force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
 ) -> None:
     """Write site.ctx (secret key, mode 0600) and aggregator.ctx (parameters only)."""
+    from fedhealth.core.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
+
     console = Console()
     try:
         params = get_preset(preset)

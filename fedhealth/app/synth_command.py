@@ -1,4 +1,7 @@
-"""`fedhealth synth`: write a synthetic federation from the command line."""
+"""`fedhealth synth`: write a synthetic federation from the command line.
+
+The generator (numpy, pydicom) loads only when the command runs, so `fedhealth --help` stays instant.
+"""
 
 from pathlib import Path
 from typing import Annotated
@@ -7,8 +10,6 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-
-from fedhealth.core.synth.federation import synthesize_federation
 
 
 def synth(
@@ -28,6 +29,8 @@ def synth(
         help="Replace hospital folders that already exist in --out.")] = False,
 ) -> None:
     """Write one folder of DICOM studies and a labels.csv per hospital."""
+    from fedhealth.core.synth.federation import synthesize_federation
+
     try:
         counts = [int(c) for c in images_per_site.split(",")]
     except ValueError:

@@ -2,6 +2,8 @@
 
 Each one checks everything it can before starting a long-lived process and exits with a
 message that names the file and the fix; a running process is stopped with its children.
+The modules they drive (certificates, Flower's CLI, the site check's MONAI pipeline) load only
+when a command runs, so `fedhealth --help` stays instant.
 """
 
 import signal
@@ -14,15 +16,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from fedhealth.app.deployment import launch, pki
-from fedhealth.app.deployment.bundles import (
-    BundleError,
-    CoordinatorBundle,
-    init_federation,
-    parse_sites,
-)
-from fedhealth.app.deployment.site_config import SiteConfigError, load_site_config, preflight
 
 console = Console(stderr=True)
 _SITE_HINT = ("'Failed to activate SuperNode' above means the coordinator has not registered this "
@@ -70,6 +63,8 @@ def federation_init(
     preset: Annotated[str, typer.Option(help="CKKS preset for the federation key.")] = "default",
 ) -> None:
     """Write one bundle per site and one for the coordinator (certificates, keys, site.toml)."""
+    from fedhealth.app.deployment.bundles import BundleError, init_federation, parse_sites
+
     try:
         bundle = init_federation(name, parse_sites(sites), superlink, out, preset)
     except (BundleError, ValueError) as err:
@@ -89,6 +84,9 @@ def federation_start(
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for the SuperLink.")] = 60,
 ) -> None:
     """Run the SuperLink with TLS and SuperNode authentication, the sites' keys registered."""
+    from fedhealth.app.deployment import launch, pki
+    from fedhealth.app.deployment.bundles import BundleError, CoordinatorBundle
+
     try:
         bundle = CoordinatorBundle.load(dir)
         pki.check_private_file(bundle.server_key, "SuperLink private key")
@@ -119,6 +117,9 @@ def federation_run(
         help="Flower App folder (default: fedhealth's).")] = None,
 ) -> None:
     """Submit the app to the SuperLink (`flwr run`) and follow its rounds to the end."""
+    from fedhealth.app.deployment import launch
+    from fedhealth.app.deployment.bundles import BundleError, CoordinatorBundle
+
     try:
         bundle = CoordinatorBundle.load(dir)
         run_id = launch.submit_run(bundle, app or launch.default_app_dir(), run_config or [])
@@ -149,6 +150,9 @@ def site_start(
         help="Give up after this many seconds without reaching the SuperLink.")] = None,
 ) -> None:
     """Check config and data, then run this site's SuperNode (TLS + node authentication)."""
+    from fedhealth.app.deployment import launch
+    from fedhealth.app.deployment.site_config import SiteConfigError, load_site_config, preflight
+
     try:
         site = load_site_config(config)
         report = preflight(site)
