@@ -1,17 +1,25 @@
 """Typed run configuration: Flower's flat run config turned into checked values, once.
 
-Both the ServerApp and the ClientApp read the same `[tool.flwr.app.config]`; a missing or
-mistyped field fails here with the field's name instead of deep inside a round.
+Both the ServerApp and the ClientApp read the same `[tool.flwr.app.config]`; a missing, mistyped,
+unknown (a policy, model, preset or optimizer name) or out-of-range field fails here, when the
+config is built, with the field's name and its choices, instead of deep inside a round.
 """
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord
+if TYPE_CHECKING:  # Flower's records load with the ServerApp/ClientApp, not with every RunConfig
+    from flwr.app import ConfigRecord
+
+# The optimizers a site can train with; sites.training maps each name to its torch class.
+OPTIMIZER_NAMES: tuple[str, ...] = ("adam", "sgd")
+# Smallest model input every zoo model takes: DenseNet121 shrinks its input 32-fold.
+MIN_IMAGE_SIZE = 32
 
 
 class ConfigError(ValueError):
-    """A run config field is missing or has the wrong type."""
+    """A run config field is missing, has the wrong type, an unknown name or a value out of range."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,16 @@ class RunConfig:
     out_dir: str = ""
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        _check_names(self)
+        _check_ranges(self)
+
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> "RunConfig":
         """Build from Flower's run config (keys use dashes, e.g. `num-server-rounds`)."""
         values: dict[str, object] = {}
         for field in fields(cls):
-            key = field.name.replace("_", "-")
+            key = _key(field.name)
             if key not in run_config:
                 raise ConfigError(
                     f"run config field '{key}' is missing: add it under "
@@ -68,11 +80,55 @@ class RunConfig:
 
     def to_flower(self) -> dict[str, bool | int | float | str]:
         """The inverse of `from_flower`, for `run_simulation` and `flwr run --run-config`."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
 
-    def to_record(self) -> ConfigRecord:
+    def to_record(self) -> "ConfigRecord":
         """The same values as a ConfigRecord, to send to sites."""
+        from flwr.app import ConfigRecord
+
         return ConfigRecord(self.to_flower())
+
+
+def _key(name: str) -> str:
+    """The field as a user writes it in `--run-config` and pyproject.toml."""
+    return name.replace("_", "-")
+
+
+def _check_names(config: RunConfig) -> None:
+    """Every name field is one the code knows; the lists come from where the names are defined."""
+    # The zoo and the policies import torch and MONAI: only when a config is built, never at import.
+    from fedhealth.core.crypto.presets import PRESETS
+    from fedhealth.core.models import MODEL_NAMES
+    from fedhealth.core.personalization import POLICY_NAMES
+
+    choices = {"policy": POLICY_NAMES, "model": MODEL_NAMES, "crypto_preset": tuple(PRESETS),
+               "optimizer": OPTIMIZER_NAMES}
+    for name, known in choices.items():
+        value = getattr(config, name)
+        if value not in known:
+            raise ConfigError(f"run config field '{_key(name)}' is {value!r}: choose one of "
+                              f"{', '.join(known)}")
+
+
+def _check_ranges(config: RunConfig) -> None:
+    """Values a round would fail on (or silently misuse), refused with the range they must be in."""
+    rules = {
+        "num_server_rounds": (config.num_server_rounds >= 1, ">= 1"),
+        "image_size": (config.image_size >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE}"),
+        "seed": (config.seed >= 0, ">= 0"),
+        "min_sites": (config.min_sites >= 1, ">= 1"),
+        "expected_sites": (config.expected_sites >= 0, ">= 0 (0: do not wait)"),
+        "join_timeout": (config.join_timeout >= 0, ">= 0 seconds"),
+        "fraction_train": (0 < config.fraction_train <= 1, "in (0, 1]"),
+        "local_epochs": (config.local_epochs >= 1, ">= 1"),
+        "batch_size": (config.batch_size >= 1, ">= 1"),
+        "learning_rate": (config.learning_rate > 0, "> 0"),
+        "proximal_mu": (config.proximal_mu >= 0, ">= 0"),
+    }
+    for name, (valid, expected) in rules.items():
+        if not valid:
+            raise ConfigError(f"run config field '{_key(name)}' is {getattr(config, name)!r}: "
+                              f"it must be {expected}")
 
 
 def _coerce(key: str, value: object, kind: type) -> object:
