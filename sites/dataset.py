@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, PersistentDataset, PydicomReader
+from monai.data import CacheDataset, PersistentDataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -28,7 +28,8 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from sites.dicom_files import SiteDataError, Skipped, scan_tree
+from sites.data_limits import DataLimits
+from sites.dicom_files import SiteDataError, SiteDicomReader, Skipped, scan_tree
 from sites.labels import Labeled, default_labels, join_labels, read_labels
 
 __all__ = ["SiteDataError", "SiteIndex", "SiteSplits", "index_site", "load_site",
@@ -75,18 +76,23 @@ class SiteSplits:
 
 def index_site(data_dir: Path, *, labels: Path | None = None, seed: int = 0,
                require_labels: bool = True, on_file: Callable[[], None] | None = None,
-               remember: Path | None = None) -> SiteIndex:
+               remember: Path | None = None, limits: DataLimits = DataLimits()) -> SiteIndex:
     """Scan, label and split a site folder. Without a labels file (and `require_labels=False`),
-    every decodable image is indexed with label -1. `remember`: see `scan_tree`."""
+    every decodable image is indexed with label -1. `remember`: see `scan_tree`.
+
+    This is the one acceptance path: the site check reports it, `load_site` trains on it.
+    """
     if not data_dir.is_dir():
         raise SiteDataError(f"site folder {data_dir} does not exist or is not a folder")
     labels = labels or default_labels(data_dir)
     if labels is None and require_labels:
         raise SiteDataError(f"site folder {data_dir} has no labels.csv: add one "
                             "(StudyInstanceUID,label) or pass --labels FILE")
-    rows, skipped = read_labels(labels) if labels else ([], [])
+    rows, skipped = (read_labels(labels, site_dir=data_dir, num_classes=limits.num_classes)
+                     if labels else ([], []))
     ignore = [labels] + [r.mask for r in rows if r.mask] if labels else []
-    scan = scan_tree(data_dir, ignore=ignore, on_file=on_file, remember=remember)
+    scan = scan_tree(data_dir, ignore=ignore, on_file=on_file, remember=remember,
+                     max_image_bytes=limits.max_image_bytes)
     if scan.files == 0:
         raise SiteDataError(f"site folder {data_dir} is empty: copy the site's DICOM export into it")
     skipped = scan.skipped + skipped
@@ -125,12 +131,13 @@ class InvertMonochrome1d(MapTransform):
         return d
 
 
-def site_transforms(image_size: int, task: str = "classification") -> Compose:
-    """DICOM file -> normalised tensor: rescale slope/intercept (PydicomReader), window to the
-    0.5-99.5 percentiles, invert MONOCHROME1, resize. Deterministic, hence cacheable."""
+def site_transforms(image_size: int, task: str = "classification",
+                    limits: DataLimits = DataLimits()) -> Compose:
+    """DICOM file -> normalised tensor: rescale slope/intercept (the site check's reader), window
+    to the 0.5-99.5 percentiles, invert MONOCHROME1, resize. Deterministic, hence cacheable."""
     seg = task == "segmentation"
     spatial = ["image", "mask"] if seg else ["image"]
-    steps = [LoadImaged("image", reader=PydicomReader(swap_ij=False), image_only=True)]
+    steps = [LoadImaged("image", reader=SiteDicomReader(limits.max_image_bytes), image_only=True)]
     if seg:
         steps.append(LoadImaged("mask", reader="NumpyReader", image_only=True))
     steps += [
@@ -148,30 +155,31 @@ def site_transforms(image_size: int, task: str = "classification") -> Compose:
 
 
 def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 64, seed: int = 0,
-              cache_dir: Path | None = None, task: str = "classification") -> SiteSplits:
+              cache_dir: Path | None = None, task: str = "classification",
+              limits: DataLimits = DataLimits()) -> SiteSplits:
     """Index `data_dir` and build its cached train/val/test datasets.
 
     cache_dir: keep decoded tensors (MONAI PersistentDataset) and the scan's inspections on disk,
     so a restarted site decodes neither again; otherwise tensors are cached in memory.
+    limits: the site's (its settings), the same the site check applies.
     """
     if task not in ("classification", "segmentation"):
         raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
     remember = cache_dir / f"{data_dir.name}-scan.json" if cache_dir is not None else None
-    index = index_site(data_dir, labels=labels, seed=seed, remember=remember)
+    index = index_site(data_dir, labels=labels, seed=seed, remember=remember,
+                       limits=limits)
     skipped = list(index.skipped)
     images = index.images
-    if task == "segmentation":
-        for x in images:
-            if x.mask is None or not x.mask.is_file():
-                skipped.append(Skipped(str(x.image.path), f"no mask file for segmentation "
-                                                          f"({x.mask or 'no mask column'})"))
-        images = [x for x in images if x.mask is not None and x.mask.is_file()]
+    if task == "segmentation":  # masks were checked against their images when labels were joined
+        skipped += [Skipped(str(x.image.path), "no mask for segmentation (empty mask cell or no "
+                                               "mask column)") for x in images if x.mask is None]
+        images = [x for x in images if x.mask is not None]
     if not images:
         reasons = Counter(s.reason.split(" (")[0].split(":")[0] for s in skipped)
         raise SiteDataError(f"site folder {data_dir} has no usable labeled image "
                             f"({sum(reasons.values())} skipped: {dict(reasons.most_common(3))}); "
                             f"run `fedhealth site check {data_dir}` for details")
-    transform = site_transforms(image_size, task)
+    transform = site_transforms(image_size, task, limits)
 
     def dataset(split: str) -> Dataset:
         items = [_item(x, task) for x in images if index.split[x.image.patient_id] == split]
@@ -180,8 +188,8 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
             return PersistentDataset(items, transform, cache_dir=folder)
         return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
 
-    return SiteSplits(index.name, *(dataset(s) for s in SPLITS),
-                      num_classes=max(2, max(x.label for x in images) + 1), skipped=skipped)
+    return SiteSplits(index.name, *(dataset(s) for s in SPLITS), num_classes=limits.num_classes,
+                      skipped=skipped)
 
 
 def _item(x: Labeled, task: str) -> dict[str, object]:

@@ -1,16 +1,23 @@
-"""Find a site's DICOM images in any folder tree and say why every other file cannot be used.
+"""Find a site's DICOM images in any folder tree and say why every other entry cannot be used.
 
-A hospital export mixes images with reports, structure sets, DICOMDIRs, truncated copies and files
-that are not DICOM at all. Each file becomes either a `DicomImage` or a `Skipped` with a reason an
-IT person can act on; nothing here raises for a bad file.
+A hospital export mixes images with reports, structure sets, DICOMDIRs, truncated copies, links,
+pipes and files that are not DICOM at all, and a hostile file can declare a size whose decoding
+alone would exhaust the machine. Each directory entry becomes either a `DicomImage` or a `Skipped`
+with a reason an IT person can act on; nothing here raises for a bad file.
+
+`SiteDicomReader` is the one acceptance path: the site check inspects a file with it and the
+training pipeline decodes with it, so whatever the check accepts, training loads.
 """
 
 import json
+import os
+import stat
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from monai.data import PydicomReader
 from pydicom.errors import InvalidDicomError
@@ -18,10 +25,19 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import MediaStorageDirectoryStorage
 
 from fedhealth.core.atomic_file import write_atomically
+from sites.data_limits import MB, DataLimits
+
+_DEFAULT_MAX_BYTES = DataLimits().max_image_bytes
+# Elements larger than this (the pixel data) are read only when used, i.e. after the size check.
+_DEFER_SIZE = "256 KB"
 
 
 class SiteDataError(ValueError):
     """A site folder holds nothing a model can train on (missing, empty, or no labeled image)."""
+
+
+class UnusableImage(ValueError):
+    """A DICOM file the site does not decode or train on; the message is the reason."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +52,13 @@ class DicomImage:
     modality: str
     manufacturer: str
     monochrome1: bool  # stored dark-is-dense: the pipeline inverts it
+    rows: int
+    columns: int
 
 
 @dataclass(frozen=True)
 class Skipped:
-    """A file (or a labels row) the site cannot use, and why."""
+    """A directory entry (or a labels row) the site cannot use, and why."""
 
     path: str
     reason: str
@@ -48,7 +66,7 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Scan:
-    """Every file under a site folder: usable images plus skipped files (`files` = both)."""
+    """Every entry under a site folder: usable images plus skipped entries (`files` = both)."""
 
     images: list[DicomImage]
     skipped: list[Skipped]
@@ -58,34 +76,145 @@ class Scan:
         return len(self.images) + len(self.skipped)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A site folder's regular files, and every other entry with the reason it is not read."""
+
+    files: list[Path]
+    skipped: list[Skipped]
+
+
+class SiteDicomReader(PydicomReader):
+    """MONAI's PydicomReader that refuses, before decoding, what a site must not decode.
+
+    Headers are read with large elements deferred, so the pixel data is neither read nor decoded
+    until the declared size, layout and decoder have been checked; the decoded pixels must then
+    have the declared shape and be finite after rescale. Raises `UnusableImage` with the reason.
+    """
+
+    def __init__(self, max_image_bytes: int = _DEFAULT_MAX_BYTES) -> None:
+        super().__init__(swap_ij=False, defer_size=_DEFER_SIZE)
+        self.max_image_bytes = max_image_bytes
+
+    def get_data(self, data: pydicom.Dataset) -> tuple[np.ndarray, dict]:  # type: ignore[override]
+        if reason := unsupported_pixels(data, self.max_image_bytes):
+            raise UnusableImage(reason)
+        try:
+            array, meta = super().get_data(data)
+        except Exception as err:  # decoding is the only way to find truncated or corrupt pixel data
+            raise UnusableImage(f"pixel data cannot be decoded ({_brief(err)})"
+                                f"{_other_decoders(data)}") from None
+        declared = (int(data.Rows), int(data.Columns))
+        if array.shape != declared:
+            raise UnusableImage(f"decoded pixels have shape {array.shape}, the header declares "
+                                f"{declared[0]} x {declared[1]} (Rows x Columns): damaged header")
+        if not np.isfinite(array).all():
+            slope, intercept = data.get("RescaleSlope", 1), data.get("RescaleIntercept", 0)
+            raise UnusableImage(f"non-finite pixel values after rescale (RescaleSlope {slope}, "
+                                f"RescaleIntercept {intercept}): fix the file's rescale values")
+        return array, meta
+
+
+def list_site(root: Path) -> Listing:
+    """Every entry under `root`, in sorted order, without following links.
+
+    Only regular files are read. A link is never followed (its target may be outside the site
+    folder, or be read twice): it is listed with where it points. Pipes, sockets and devices are
+    listed without being opened (opening a pipe blocks); folders that cannot be read are listed.
+    """
+    files: list[Path] = []
+    skipped: list[Skipped] = []
+    inside = root.resolve()
+
+    def walk(folder: Path) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            skipped.append(Skipped(str(folder), f"folder cannot be read ({_brief(err)}): give the "
+                                                "site's service account read access"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as err:
+                skipped.append(Skipped(str(path), f"cannot be inspected ({_brief(err)})"))
+                continue
+            if stat.S_ISDIR(mode):
+                walk(path)
+            elif stat.S_ISREG(mode):
+                files.append(path)
+            elif stat.S_ISLNK(mode):
+                skipped.append(Skipped(str(path), _link_reason(path, inside)))
+            else:
+                skipped.append(Skipped(str(path), f"a {_special_kind(mode)}, not a file"))
+
+    walk(root)
+    return Listing(files, skipped)
+
+
+def _link_reason(path: Path, inside: Path) -> str:
+    target = Path(os.path.join(path.parent, os.readlink(path)))
+    try:
+        resolved = target.resolve(strict=True)
+    except FileNotFoundError:
+        return f"dangling symbolic link (to {target}, which does not exist)"
+    except (OSError, RuntimeError) as err:  # a loop of links
+        return f"symbolic link that cannot be resolved ({_brief(err)})"
+    if not resolved.is_relative_to(inside):
+        return (f"symbolic link to {resolved}, outside the site folder: links are not followed; "
+                "copy the file into the site folder")
+    return f"symbolic link to {resolved}, inside the site folder: read there, not through the link"
+
+
+def _special_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "FIFO (named pipe)", stat.S_ISSOCK: "socket",
+             stat.S_ISCHR: "character device", stat.S_ISBLK: "block device"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
+
+
 def scan_tree(root: Path, *, ignore: Collection[Path] = (),
-              on_file: Callable[[], None] | None = None,
-              remember: Path | None = None) -> Scan:
-    """Inspect every file under `root` (any names, any nesting) in sorted order.
+              on_file: Callable[[], None] | None = None, remember: Path | None = None,
+              max_image_bytes: int = _DEFAULT_MAX_BYTES) -> Scan:
+    """Inspect every entry under `root` (any names, any nesting) in sorted order.
 
     `ignore` holds files that are known not to be images (the labels file, its masks).
     `remember`: a JSON file of earlier inspections; a file whose size and modification time are
-    unchanged is not decoded again (a site process restarts every run, its archive rarely changes).
+    unchanged (and the size limit with them) is not decoded again (a site process restarts every
+    run, its archive rarely changes).
     """
-    ignored = {p.resolve() for p in ignore}
+    ignored = {os.path.realpath(p) for p in ignore}  # realpath: a loop of links does not raise
     known = _remembered(remember)
     seen: dict[str, dict[str, object]] = {}
+    listing = list_site(root)
     images: list[DicomImage] = []
-    skipped: list[Skipped] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.resolve() in ignored:
+    skipped = [s for s in listing.skipped if os.path.realpath(s.path) not in ignored]  # used links
+    for path in listing.files:
+        if os.path.realpath(path) in ignored:
             continue
-        stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns]
+        stamp = _stamp(path, max_image_bytes)
         entry = known.get(str(path))
-        result = _from_entry(path, entry) if entry and entry["stamp"] == stamp else inspect_file(path)
+        result = (_from_entry(path, entry) if entry and entry["stamp"] == stamp
+                  else inspect_file(path, max_image_bytes))
         seen[str(path)] = {"stamp": stamp, **_to_entry(result)}
-        (images if isinstance(result, DicomImage) else skipped).append(result)  # type: ignore[arg-type]
+        if isinstance(result, DicomImage):
+            images.append(result)
+        else:
+            skipped.append(result)
         if on_file is not None:
             on_file()
     if remember is not None and seen != known:
         write_atomically(remember, json.dumps(seen).encode())
-    return Scan(images, skipped)
+    return Scan(images, sorted(skipped, key=lambda s: s.path))
+
+
+def _stamp(path: Path, max_image_bytes: int) -> list[int]:
+    """What must be unchanged for an earlier inspection to still hold."""
+    try:
+        status = path.stat()
+    except OSError:
+        return []  # gone meanwhile: inspected again, which says so
+    return [status.st_size, status.st_mtime_ns, max_image_bytes]
 
 
 def _remembered(path: Path | None) -> dict[str, dict[str, object]]:
@@ -108,60 +237,86 @@ def _from_entry(path: Path, entry: dict[str, object]) -> DicomImage | Skipped:
     return DicomImage(**{**entry["image"], "path": path})  # type: ignore[dict-item]
 
 
-def inspect_file(path: Path) -> DicomImage | Skipped:
-    """Read `path` fully (header and pixels) and return the image, or why it cannot be used."""
+def inspect_file(path: Path, max_image_bytes: int = _DEFAULT_MAX_BYTES) -> DicomImage | Skipped:
+    """Read `path` (header, then pixels if the header allows) and return the image, or why it
+    cannot be used."""
     with warnings.catch_warnings():  # pydicom warns about fixable quirks (padding, VR); not ours to show
         warnings.simplefilter("ignore")
         try:
-            return _inspect(path)
-        except _Unusable as err:
+            return _inspect(path, SiteDicomReader(max_image_bytes))
+        except UnusableImage as err:
             return Skipped(str(path), str(err))
         except Exception as err:  # a malformed value can fail any access; the file is skipped, not fatal
             return Skipped(str(path), f"invalid DICOM ({_brief(err)})")
 
 
-class _Unusable(Exception):
-    """Raised inside `_inspect` with the reason a file is skipped."""
-
-
-def _inspect(path: Path) -> DicomImage:
-    if path.stat().st_size == 0:
-        raise _Unusable("empty file")
-    reader = PydicomReader(swap_ij=False)  # the reader the training pipeline decodes with
+def _inspect(path: Path, reader: SiteDicomReader) -> DicomImage:
     try:
+        if path.stat().st_size == 0:
+            raise UnusableImage("empty file")
         ds = reader.read(path)
     except InvalidDicomError:
-        raise _Unusable("not a DICOM Part 10 file (no 'DICM' prefix / File Meta header)") from None
+        raise UnusableImage("not a DICOM Part 10 file (no 'DICM' prefix / File Meta header)") from None
+    except OSError as err:
+        raise UnusableImage(f"cannot be read ({_brief(err)}): give the site's service account "
+                            "read access") from None
     except Exception as err:  # pydicom raises many types for a damaged header
-        raise _Unusable(f"unreadable DICOM header ({_brief(err)})") from None
+        raise UnusableImage(f"unreadable DICOM header ({_brief(err)})") from None
 
     sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
     if sop_class == MediaStorageDirectoryStorage:
-        raise _Unusable("DICOMDIR: a media index, not an image")
+        raise UnusableImage("DICOMDIR: a media index, not an image")
     if "PixelData" not in ds:
-        raise _Unusable(f"no pixel data ({sop_class.name if sop_class else 'unknown SOP class'})")
+        raise UnusableImage(f"no pixel data ({sop_class.name if sop_class else 'unknown SOP class'})")
     if "SegmentSequence" in ds:
-        raise _Unusable("a DICOM SEG object, not an image (give masks in the labels file's mask column)")
-    if reason := _unsupported_pixels(ds):
-        raise _Unusable(reason)
+        raise UnusableImage("a DICOM SEG object, not an image (give masks in the labels file's "
+                            "mask column)")
     missing = [k for k in ("StudyInstanceUID", "PatientID") if not str(ds.get(k, "")).strip()]
     if missing:
-        raise _Unusable(f"no {' or '.join(missing)}: cannot join labels or split by patient")
-    try:  # decoding is the only way to find truncated or corrupt pixel data
-        reader.get_data(ds)
-    except Exception as err:
-        raise _Unusable(f"pixel data cannot be decoded ({_brief(err)}){_other_decoders(ds)}") from None
+        raise UnusableImage(f"no {' or '.join(missing)}: cannot join labels or split by patient")
+    reader.get_data(ds)  # the pixels exactly as training will decode them
     return DicomImage(
         path=path, patient_id=str(ds.PatientID).strip(), study_uid=str(ds.StudyInstanceUID),
         series_uid=str(ds.get("SeriesInstanceUID", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
         modality=str(ds.get("Modality", "")) or "unknown",
         manufacturer=str(ds.get("Manufacturer", "")) or "unknown",
         monochrome1=ds.PhotometricInterpretation == "MONOCHROME1",
+        rows=int(ds.Rows), columns=int(ds.Columns),
     )
 
 
-def _unsupported_pixels(ds: pydicom.Dataset) -> str | None:
-    """Why this dataset's pixels are not a single greyscale frame we can decode, if they are not."""
+def declared_bytes(ds: pydicom.Dataset) -> int:
+    """rows x columns x frames x samples x bytes per sample, from the header alone.
+
+    Raises UnusableImage when one of them is missing or not a positive integer.
+    """
+    size = 1
+    for keyword, default in (("Rows", None), ("Columns", None), ("NumberOfFrames", 1),
+                             ("SamplesPerPixel", 1), ("BitsAllocated", None)):
+        value = ds.get(keyword, default)
+        try:
+            number = int(value) if value not in (None, "") else default
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < 1:
+            raise UnusableImage(f"header field {keyword} is {value!r}: it must be a positive "
+                                "integer to size the image")
+        size *= -(-number // 8) if keyword == "BitsAllocated" else number
+    return size
+
+
+def unsupported_pixels(ds: pydicom.Dataset, max_image_bytes: int) -> str | None:
+    """Why this dataset's pixels must not be decoded (too large, not one greyscale frame, no
+    decoder), from the header alone; None when they may be."""
+    try:
+        size = declared_bytes(ds)
+    except UnusableImage as err:
+        return str(err)
+    if size > max_image_bytes:
+        return (f"declared image size {ds.Rows} x {ds.Columns} x {ds.get('NumberOfFrames', 1)} "
+                f"frames x {ds.get('SamplesPerPixel', 1)} samples x {ds.BitsAllocated} bits = "
+                f"{size / MB:,.1f} MB exceeds the site's limit of {max_image_bytes / MB:,.1f} MB: "
+                "not decoded (raise max-image-mb in the site settings if the image is real)")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         return "no TransferSyntaxUID in the File Meta header"
@@ -186,7 +341,10 @@ def _other_decoders(ds: pydicom.Dataset) -> str:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_compressed:
         return ""
-    missing = get_decoder(syntax).missing_dependencies
+    try:
+        missing = get_decoder(syntax).missing_dependencies
+    except NotImplementedError:
+        return ""
     fixes = " or ".join(f"pip install {dep.split(' - requires ')[-1]}" for dep in missing)
     return f"; to decode it: {fixes}" if fixes else ""
 

@@ -1,18 +1,27 @@
-"""Join a site's label manifest (CSV) to its DICOM images.
+"""Join a site's label manifest (CSV) to its DICOM images, and check its masks.
 
 A row is keyed by SOPInstanceUID when it has one, else by StudyInstanceUID (the label then holds
 for every image of the study). Rows that match no image and images without a row are reported, not
-fatal: a hospital's manifest and its PACS export rarely agree perfectly.
+fatal: a hospital's manifest and its PACS export rarely agree perfectly. What would silently train
+on wrong data is refused: a label that is not a plain class number, two rows giving one key
+different labels, a mask path leaving the site folder, a mask that does not fit its image.
 """
 
 import csv
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from sites.data_limits import DEFAULT_NUM_CLASSES
 from sites.dicom_files import DicomImage, SiteDataError, Skipped
 
 LABELS_FILE = "labels.csv"
 KEYS = ("SOPInstanceUID", "StudyInstanceUID")
+# Python's int() also reads "1_0" (10), "٣" (3), " +1" and "1e20" is a float: labels are plain ASCII.
+_PLAIN_INTEGER = re.compile(r"[0-9]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -34,13 +43,18 @@ class Labeled:
 
 
 def default_labels(data_dir: Path) -> Path | None:
-    """`labels.csv` at the top of the site folder, if there is one."""
+    """`labels.csv` at the top of the site folder, if there is one (a regular file, not a link)."""
     path = data_dir / LABELS_FILE
+    if path.is_symlink():
+        raise SiteDataError(f"labels file {path} is a symbolic link: put the file itself in the "
+                            "site folder, or name the manifest with --labels / [site] labels")
     return path if path.is_file() else None
 
 
-def read_labels(path: Path) -> tuple[list[LabelRow], list[Skipped]]:
-    """Parse the manifest; malformed rows are skipped with their line number."""
+def read_labels(path: Path, *, site_dir: Path,
+                num_classes: int = DEFAULT_NUM_CLASSES) -> tuple[list[LabelRow], list[Skipped]]:
+    """Parse the manifest. Malformed rows are skipped with their line number; two rows giving
+    one key different labels or masks raise SiteDataError naming both lines."""
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -53,26 +67,76 @@ def read_labels(path: Path) -> tuple[list[LabelRow], list[Skipped]]:
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise SiteDataError(f"cannot read labels file {path}: {err}") from err
 
-    rows, skipped = [], []
+    inside = Path(os.path.realpath(site_dir))
+    by_key: dict[tuple[str, str], LabelRow] = {}
+    skipped = []
     for line, record in enumerate(records, start=2):
-        key = next((k for k in KEYS if (record.get(k) or "").strip()), None)
         try:
-            label = int((record.get("label") or "").strip())
-            if key is None or label < 0:
-                raise ValueError
-        except ValueError:
-            skipped.append(Skipped(str(path), f"row {line}: needs a UID and a label that is an "
-                                              f"integer >= 0, got {dict(record)}"))
+            row = _row(line, record, path, inside, num_classes)
+        except ValueError as err:
+            skipped.append(Skipped(str(path), f"row {line}: {err}"))
             continue
-        mask = (record.get("mask") or "").strip()
-        rows.append(LabelRow(line, key, record[key].strip(), label,
-                             path.parent / mask if mask else None))
-    return rows, skipped
+        first = by_key.setdefault((row.key, row.uid), row)
+        if first is row:
+            continue
+        if (first.label, first.mask) != (row.label, row.mask):
+            raise SiteDataError(
+                f"labels file {path}: rows {first.line} and {line} both give {row.key} {row.uid}, "
+                f"as label {first.label} (mask {first.mask}) and label {row.label} (mask "
+                f"{row.mask}): keep the one that is right and delete the other")
+        skipped.append(Skipped(str(path), f"row {line}: repeats row {first.line} (ignored)"))
+    return list(by_key.values()), skipped
+
+
+def _row(line: int, record: dict[str | None, object], path: Path, inside: Path,
+         num_classes: int) -> LabelRow:
+    """One manifest row, or ValueError with what is wrong with it."""
+    key = next((k for k in KEYS if isinstance(record.get(k), str) and record[k].strip()), None)
+    if key is None:
+        raise ValueError(f"no {' or '.join(KEYS)}")
+    text = record.get("label")
+    text = text.strip() if isinstance(text, str) else ""
+    if not _PLAIN_INTEGER.fullmatch(text) or int(text) >= num_classes:
+        raise ValueError(f"label {text!r} is not a class: labels are plain integers 0 to "
+                         f"{num_classes - 1} (digits 0-9 only)")
+    mask = record.get("mask")
+    mask = mask.strip() if isinstance(mask, str) else ""
+    mask_path = path.parent / mask if mask else None
+    # realpath follows links (a link out of the folder is refused) and, unlike resolve, never raises
+    target = Path(os.path.realpath(mask_path)) if mask_path is not None else inside
+    if not target.is_relative_to(inside):
+        raise ValueError(f"mask path {mask!r} resolves to {target}, outside the site folder "
+                         f"{inside}: masks must be files inside it")
+    return LabelRow(line, key, str(record[key]).strip(), int(text), mask_path)
+
+
+def mask_problem(path: Path, image: DicomImage) -> str | None:
+    """Why `path` cannot be `image`'s mask (not a binary .npy array of the image's shape), if so.
+
+    The header is read first (memory-mapped), so a mask of a wrong shape is never loaded.
+    """
+    if path.suffix != ".npy" or not path.is_file():
+        return "not an existing .npy file"
+    try:
+        mask = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        return f"not a readable .npy array ({type(err).__name__}: {err})"
+    shape = (image.rows, image.columns)
+    if mask.shape != shape:
+        return f"shape {mask.shape}, the image is {shape[0]} x {shape[1]} (Rows x Columns)"
+    if mask.dtype.kind not in "biuf":
+        return f"dtype {mask.dtype}: masks hold numbers 0 and 1"
+    values = np.unique(np.asarray(mask))
+    if not np.isin(values, (0, 1)).all():
+        shown = ", ".join(str(v) for v in values[~np.isin(values, (0, 1))][:3])
+        return f"values other than 0 and 1 ({shown}): masks are binary"
+    return None
 
 
 def join_labels(images: list[DicomImage], rows: list[LabelRow],
                 labels_path: Path) -> tuple[list[Labeled], list[Skipped]]:
-    """Label every image that a row matches; report unlabeled studies and rows matching nothing."""
+    """Label every image that a row matches; report unlabeled studies, rows matching nothing and
+    images whose mask does not fit them."""
     by_key = {(r.key, r.uid): r for r in rows}
     used: set[int] = set()
     labeled, skipped = [], []
@@ -84,6 +148,10 @@ def join_labels(images: list[DicomImage], rows: list[LabelRow],
                                                     f"{image.study_uid} has no row in {labels_path}"))
             continue
         used.add(row.line)
+        if row.mask is not None and (problem := mask_problem(row.mask, image)):
+            skipped.append(Skipped(str(image.path), f"mask {row.mask} (row {row.line} of "
+                                                    f"{labels_path}): {problem}"))
+            continue
         labeled.append(Labeled(image, row.label, row.mask))
     for row in rows:
         if row.line not in used:

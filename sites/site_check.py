@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from sites.data_limits import DEFAULT_MAX_IMAGE_MB, DEFAULT_NUM_CLASSES, DataLimits
+
 if TYPE_CHECKING:  # the pipeline imports torch and MONAI: only load it when a check runs
     from sites.dataset import SiteIndex
 
@@ -41,14 +43,17 @@ class SiteReport:
 
 
 def check_site(data_dir: Path, labels: Path | None = None, seed: int = 0,
-               on_file: Callable[[], None] | None = None) -> SiteReport:
+               on_file: Callable[[], None] | None = None, *,
+               limits: DataLimits = DataLimits()) -> SiteReport:
     """Inventory `data_dir`; raises SiteDataError only for a missing/empty folder or bad labels file.
 
-    `seed` is the patient split's, as in `load_site`, so the per-split counts are the training ones.
+    `seed` is the patient split's, as in `load_site`, so the per-split counts are the training ones;
+    `limits` are the site's (its settings), which training applies too.
     """
     from sites.dataset import index_site
 
-    index = index_site(data_dir, labels=labels, seed=seed, require_labels=False, on_file=on_file)
+    index = index_site(data_dir, labels=labels, seed=seed, require_labels=False, on_file=on_file,
+                       limits=limits)
     return _report(data_dir, index)
 
 
@@ -99,16 +104,24 @@ def check_command(
         help="Labels CSV (StudyInstanceUID or SOPInstanceUID, label). Default: DIR/labels.csv.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the train/val/test patient split.")] = 0,
+    max_image_mb: Annotated[float, typer.Option(
+        min=0.001, help="Largest image decoded, as its header declares it (rows x columns x frames "
+                        "x samples x bytes), in MB; larger ones are skipped. As the site setting "
+                        "max-image-mb.")] = DEFAULT_MAX_IMAGE_MB,
+    num_classes: Annotated[int, typer.Option(
+        min=2, help="Labels must be integers 0 to num-classes - 1. As the site setting "
+                    "num-classes.")] = DEFAULT_NUM_CLASSES,
 ) -> None:
     """Report what a site holds and every file it cannot use (skipped with a reason, never fatal)."""
-    from sites.dicom_files import SiteDataError
+    from sites.dicom_files import SiteDataError, list_site
 
     console = Console(stderr=as_json)
     try:
-        total = sum(1 for p in data_dir.rglob("*") if p.is_file()) if data_dir.is_dir() else 0
+        total = len(list_site(data_dir).files) if data_dir.is_dir() else 0
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"checking {data_dir}", total=total)
-            report = check_site(data_dir, labels, seed, on_file=lambda: bar.advance(task))
+            report = check_site(data_dir, labels, seed, on_file=lambda: bar.advance(task),
+                                limits=DataLimits(max_image_mb, num_classes))
     except SiteDataError as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None
