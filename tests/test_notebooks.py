@@ -5,6 +5,8 @@ with this interpreter (the venv's), in a temporary working directory; an error i
 the test with that cell's traceback.
 """
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +16,33 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT = 600  # seconds; small mode takes a fraction of this on 2 CPU cores
+# Appended after the last cell: every Rich table the notebook holds, with its title, headers and rows.
+LIST_TABLES = """import json as _json
+from rich.table import Table as _Table
+print(_json.dumps([{"title": str(t.title or ""), "headers": [str(c.header) for c in t.columns],
+                    "rows": t.row_count} for t in list(globals().values()) if isinstance(t, _Table)]))
+"""
+
+
+def _words(text: str) -> set[str]:
+    """Words of a printed table, whatever its box glyphs and however Rich wrapped its cells."""
+    return set(re.findall(r"[\w/.%()'-]+", re.sub(r"\x1b\[[0-9;]*m", " ", text)))  # no ANSI styles
+
+
+def _execute(notebook: nbformat.NotebookNode, folder: Path) -> list[dict[str, object]]:
+    """Run `notebook` in `folder`; return the Rich tables it ends up holding (see LIST_TABLES)."""
+    notebook.cells.append(nbformat.v4.new_code_cell(LIST_TABLES))
+    NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                   resources={"metadata": {"path": str(folder)}}).execute()
+    return json.loads(_code_cells(notebook)[-1].outputs[0]["text"])
+
+
+def _shows_a_table(outputs: list[nbformat.NotebookNode], tables: list[dict[str, object]]) -> bool:
+    """Some table the notebook built has rows, and its title and headers are in `outputs`."""
+    shown = _words("\n".join(str(output.get("text", "")) + output.get("data", {}).get("text/plain", "")
+                              for output in outputs))
+    return any(table["rows"] and _words(" ".join([table["title"], *table["headers"]])) <= shown
+               for table in tables)
 
 
 def _code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
@@ -44,15 +73,26 @@ def test_notebook_runs_and_ends_with_a_figure_and_a_table(
     monkeypatch.setenv("FEDHEALTH_NOTEBOOK_DIR", str(work))
     notebook = nbformat.read(path, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    tables = _execute(notebook, tmp_path)
 
-    *cells, interpreter = _code_cells(notebook)
+    *cells, interpreter, _ = _code_cells(notebook)
     assert interpreter.outputs[0]["text"].strip() == sys.executable
     closing = [output for cell in cells[-2:] for output in cell.outputs]
     assert any("image/png" in output.get("data", {}) for output in closing), \
         f"{path.name} does not end with a figure"
-    assert any("━" in output.get("data", {}).get("text/plain", "") for output in closing), \
-        f"{path.name} does not end with a table"
+    assert _shows_a_table(closing, tables), f"{path.name} does not end with a table"
     assert list(tmp_path.iterdir()) == [work], f"{path.name} wrote into its working directory"
     assert len(list(work.iterdir())) == 1, f"{path.name} did not write into one temporary folder"
+
+
+def test_table_detection_needs_a_printed_table_with_rows(tmp_path: Path) -> None:
+    """The check above, on three one-cell notebooks: only a printed table with rows passes."""
+    make = ("from rich import print as rprint\nfrom rich.table import Table\n"
+            "table = Table(title='accuracy by round')\ntable.add_column('round')\n"
+            "table.add_column('hospital-1', justify='right')\n")
+    for source, expected in ((make + "table.add_row('0', '0.500')\nrprint(table)", True),
+                             (make + "table.add_row('0', '0.500')\nprint('no table here')", False),
+                             (make + "rprint(table)", False)):
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+        tables = _execute(notebook, tmp_path)
+        assert _shows_a_table(_code_cells(notebook)[0].outputs, tables) is expected, source
