@@ -2,8 +2,8 @@
 
 Encrypted runs speak `fedhealth.core.crypto.messages` (E(global) in, E(a_k * shared) out). Plaintext
 runs speak Flower FedAvg's format (`arrays` + `config` in, `arrays` + `metrics` out) so they can
-be compared with the same training code. Every reply also carries the `site` record the
-ServerApp's run history reads (site name and round), never anything about patients.
+be compared with the same training code. Every reply names its site in `fh.crypto` (plaintext
+replies carry that record with the site name alone), never anything about patients.
 """
 
 from collections.abc import Mapping
@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.keys import SiteKey, load_site_context
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.messages import (
@@ -25,12 +26,11 @@ from fedhealth.core.crypto.messages import (
     metric_record,
     read_instruction,
 )
-from fedhealth.core.run_history import SITE_RECORD
 
 Arrays = dict[str, np.ndarray]
-PLAIN_ARRAYS = "arrays"
-PLAIN_CONFIG = "config"
-PLAIN_METRICS = "metrics"
+PLAIN_ARRAYS = wire.ARRAYS
+PLAIN_CONFIG = wire.CONFIG
+PLAIN_METRICS = wire.METRICS
 
 
 class Exchange(Protocol):
@@ -51,11 +51,6 @@ class Exchange(Protocol):
     def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
                        site: str) -> RecordDict:
         """The reply carrying only metrics."""
-
-
-def _with_site(content: RecordDict, site: str, server_round: int) -> RecordDict:
-    content[SITE_RECORD] = ConfigRecord({"name": site, "server-round": server_round})
-    return content
 
 
 @lru_cache(maxsize=4)
@@ -88,14 +83,12 @@ class EncryptedExchange:
 
     def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
                     site: str) -> RecordDict:
-        reply = build_reply(self.key, shared, self.instruction.site_weight, num_examples,
-                            metrics, site)
-        return _with_site(reply, site, self.server_round)
+        return build_reply(self.key, shared, self.instruction.site_weight, num_examples,
+                           metrics, site)
 
     def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
                        site: str) -> RecordDict:
-        reply = build_evaluate_reply(self.key, num_examples, metrics, site)
-        return _with_site(reply, site, self.server_round)
+        return build_evaluate_reply(self.key, num_examples, metrics, site)
 
 
 @dataclass
@@ -123,14 +116,14 @@ class PlaintextExchange:
 
     def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
                     site: str) -> RecordDict:
-        reply = RecordDict({PLAIN_ARRAYS: ArrayRecord({n: Array(t) for n, t in shared.items()}),
-                            PLAIN_METRICS: metric_record(num_examples, metrics)})
-        return _with_site(reply, site, self.server_round)
+        return RecordDict({PLAIN_ARRAYS: ArrayRecord({n: Array(t) for n, t in shared.items()}),
+                           PLAIN_METRICS: metric_record(num_examples, metrics),
+                           wire.CRYPTO: ConfigRecord({wire.SITE: site})})
 
     def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
                        site: str) -> RecordDict:
-        reply = RecordDict({PLAIN_METRICS: metric_record(num_examples, metrics)})
-        return _with_site(reply, site, self.server_round)
+        return RecordDict({PLAIN_METRICS: metric_record(num_examples, metrics),
+                           wire.CRYPTO: ConfigRecord({wire.SITE: site})})
 
 
 def read_run_config(content: RecordDict) -> RunConfig:

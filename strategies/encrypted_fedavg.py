@@ -4,6 +4,7 @@ Sites pre-multiply their shared tensors by a_k and encrypt; this strategy sums t
 replies' ciphertexts and their a_k into E(global) and s, which sites decrypt and divide.
 The encrypted global lives in the strategy (and its checkpoint), not in the `arrays` Flower's
 loop passes around, so a plaintext ArrayRecord given to `start` can never be sent to a site.
+Every reply goes through one `ReplyScreen`; what it accepts is the run's one record.
 """
 
 import math
@@ -16,21 +17,33 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.aggregator_key import AggregatorKey
-from fedhealth.core.run_history import SiteMetrics
+from fedhealth.core.run_history import EVALUATE, TRAIN, RunHistory
+from strategies.census import Census, uniform_weights
 from strategies.checkpoint import EncryptedGlobal, load_checkpoint, save_checkpoint, save_history
+from strategies.ciphertext_sum import declared_count, parse_ciphertexts, sum_updates
 from strategies.reply_check import (
+    CheckedReply,
+    Expected,
     ReplyRejected,
-    SiteReply,
-    SiteUpdate,
-    check_reply,
-    check_update,
-    parse_ciphertexts,
-    site_label,
+    ReplyVerifier,
+    check_train_fields,
 )
+from strategies.resume import ShiftedRounds
+from strategies.screening import ReplyScreen, metric_contents
+
+
+def sample(grid: Grid, fraction: float, minimum: int, min_available: int) -> list[int]:
+    """Nodes for a round, as Flower's FedAvg samples them (`sample_nodes`); none at fraction 0."""
+    if fraction == 0.0:
+        return []
+    size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
+    nodes, _ = sample_nodes(grid, min_available, size)
+    return nodes
 
 
 class EncryptedFedAvg(FedAvg):
@@ -43,54 +56,62 @@ class EncryptedFedAvg(FedAvg):
         with fewer, the previous global is kept.
     uniform_weights : a_k = 1/K over the sampled sites, for sites that keep counts private;
         otherwise a_k = n_k / sum n from a one-off `query` census of training sample counts.
-    checkpoint_dir : where E(global) is written after every round.
+    max_site_weight : the largest a_k any site gets from the census (run config
+        `max-site-weight`); the excess goes to the other sites in proportion to their counts.
+    checkpoint_dir : where E(global) and the run history are written after every round.
     resume : continue from the checkpoint in `checkpoint_dir`. Without it, an existing checkpoint
         is refused rather than silently continued or overwritten: it may hold a long run's work.
+    reply_verifier : the signature hook, called as `reply_verifier(reply, training_id)` on every
+        reply that passed the field checks; see `strategies.reply_check.ReplyVerifier`.
     """
 
     def __init__(self, key: AggregatorKey, *, min_replies: int | None = None,
-                 uniform_weights: bool = False, checkpoint_dir: Path | None = None,
-                 resume: bool = False,
+                 uniform_weights: bool = False, max_site_weight: float = 1.0,
+                 checkpoint_dir: Path | None = None, resume: bool = False,
+                 reply_verifier: ReplyVerifier | None = None,
                  **fedavg_kwargs: object) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.key = key
         self.min_replies = self.min_train_nodes if min_replies is None else min_replies
         self.uniform_weights = uniform_weights
+        self.census = Census(max_site_weight)
         self.checkpoint_dir = checkpoint_dir
-        self.sample_counts: dict[int, int] = {}
-        self.history: dict[str, dict[int, SiteMetrics]] = {"train": {}, "evaluate": {}}
         self.current: EncryptedGlobal | None = None
-        self._weights: dict[int, float] = {}
+        self.history = RunHistory()
         self.training_id = uuid.uuid4().hex  # a resumed run takes its checkpoint's instead
-        self._round_offset = 0
+        self._asked: dict[int, Expected] = {}  # this round's train instructions, by node
         if checkpoint_dir is not None and (found := load_checkpoint(checkpoint_dir)):
             if not resume:
                 raise FileExistsError(
                     f"{checkpoint_dir} holds the checkpoint of round {found[0].server_round}: "
                     "set run config resume=true to continue it, or use another out-dir")
-            self._resume(*found)
+            self._resume(found[0], found[1])
+        self.screen = ReplyScreen(self.history, key.fingerprint, self.training_id, reply_verifier)
 
     # ------------------------------------------------------------------ state
     @property
     def completed_rounds(self) -> int:
         return self.current.server_round if self.current else 0
 
-    def initial_arrays(self) -> ArrayRecord:
-        """E(global) to start from: the checkpoint's, or empty (sites start from the seed)."""
+    def global_record(self) -> ArrayRecord:
+        """The current E(global) as an ArrayRecord; empty before round 1 (sites start from the seed)."""
         return wire.ciphertexts_to_record(self.current.ciphertexts) if self.current else ArrayRecord()
 
-    def _resume(self, state: EncryptedGlobal, history: dict) -> None:
+    def _resume(self, state: EncryptedGlobal, history: dict[str, object]) -> None:
         if state.key_fingerprint != self.key.fingerprint:
             raise ValueError(
                 f"checkpoint in {self.checkpoint_dir} was made under key {state.key_fingerprint}, "
                 f"this aggregator has {self.key.fingerprint}: use that federation's "
                 "aggregator.ctx or another checkpoint folder"
             )
-        parse_ciphertexts(self.key, state.ciphertexts)
+        try:
+            parse_ciphertexts(self.key, state.ciphertexts)
+        except ReplyRejected as exc:
+            raise ValueError(f"checkpoint in {self.checkpoint_dir} is damaged ({exc}); move it "
+                             "away to start a new run") from None
         self.current = state
         self.training_id = state.training_id
-        self.history.update({kind: {int(r): sites for r, sites in rounds.items()}
-                             for kind, rounds in history.items()})
+        self.history = RunHistory.from_json(history, f"{self.checkpoint_dir}/{wire.HISTORY_FILE}")
         log(INFO, "Resuming from the encrypted checkpoint of round %d (%d ciphertexts)",
             state.server_round, len(state.ciphertexts))
 
@@ -100,166 +121,154 @@ class EncryptedFedAvg(FedAvg):
         remaining = num_rounds - self.completed_rounds
         if remaining <= 0:
             log(INFO, "All %d rounds are in the checkpoint; nothing to run", num_rounds)
-            return Result(arrays=self.initial_arrays())
-        self._round_offset = self.completed_rounds
-        try:
-            return super().start(grid, self.initial_arrays(), remaining, **kwargs)  # type: ignore[arg-type]
-        finally:
-            self._round_offset = 0
+            return Result(arrays=self.global_record())
+        if self.completed_rounds:
+            return ShiftedRounds(self, self.completed_rounds).start(
+                grid, self.global_record(), remaining, **kwargs)  # type: ignore[arg-type]
+        return super().start(grid, self.global_record(), remaining, **kwargs)  # type: ignore[arg-type]
 
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t└──> Encryption: CKKS preset '%s', key %s, min valid replies %d, %s weights",
             self.key.preset.name, self.key.fingerprint, self.min_replies,
-            "uniform" if self.uniform_weights else "sample-count")
+            "uniform" if self.uniform_weights
+            else f"sample-count (at most {self.census.max_site_weight:g} per site)")
 
     # ------------------------------------------------------------- configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """E(global), s and each sampled site's a_k."""
-        nodes = [m.metadata.dst_node_id for m in super().configure_train(
-            server_round, arrays, config, grid)]
-        self._weights = self._site_weights(nodes, grid, config)
-        return self._instructions(server_round, config, MessageType.TRAIN, self._weights)
+        """E(global), s, and each sampled site's a_k and nonce."""
+        nodes = sample(grid, self.fraction_train, self.min_train_nodes, self.min_available_nodes)
+        weights = (uniform_weights(nodes) if self.uniform_weights
+                   else self._census_weights(server_round, nodes, grid, config))
+        self._asked = self.screen.expect(MessageType.TRAIN, server_round, weights)
+        return self._instructions(server_round, config, self._asked)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """The same instruction as training; sites reply metrics only."""
-        nodes = [m.metadata.dst_node_id for m in super().configure_evaluate(
-            server_round, arrays, config, grid)]
-        weights = dict.fromkeys(nodes, 1.0 / len(nodes)) if nodes else {}
-        return self._instructions(server_round, config, MessageType.EVALUATE, weights)
+        nodes = sample(grid, self.fraction_evaluate, self.min_evaluate_nodes,
+                       self.min_available_nodes)
+        self._asked = self.screen.expect(MessageType.EVALUATE, server_round,
+                                         uniform_weights(nodes))
+        return self._instructions(server_round, config, self._asked)
 
-    def _instructions(self, server_round: int, config: ConfigRecord, message_type: str,
-                      weights: dict[int, float]) -> list[Message]:
-        server_round += self._round_offset
+    def _instructions(self, server_round: int, config: ConfigRecord,
+                      asked: dict[int, Expected]) -> list[Message]:
         config[wire.SERVER_ROUND] = server_round
         state = self.current
+        global_record = self.global_record() if state else None
         messages = []
-        global_record = self.initial_arrays() if state else None
-        for node_id, weight in weights.items():
+        for node_id, expected in asked.items():
             content = RecordDict({wire.CONFIG: config, wire.CRYPTO: ConfigRecord({
                 wire.SERVER_ROUND: server_round,
                 wire.WEIGHT_SUM: state.weight_sum if state else 0.0,
-                wire.SITE_WEIGHT: weight,
+                wire.SITE_WEIGHT: expected.site_weight or 0.0,
                 wire.LAYOUT_HASH: state.layout_hash if state else "",
                 wire.FINGERPRINT: self.key.fingerprint,
                 wire.TRAINING_ID: self.training_id,
+                wire.NONCE: expected.nonce,
+                wire.GLOBAL_ROUND: state.server_round if state else 0,
             })})
             if global_record is not None:
                 content[wire.GLOBAL] = global_record
-            messages.append(Message(content, node_id, message_type))
+            messages.append(Message(content, node_id, expected.kind))
         return messages
 
-    def _site_weights(self, nodes: list[int], grid: Grid, config: ConfigRecord
-                      ) -> dict[int, float]:
-        """a_k for the sampled nodes: uniform, or n_k / sum n from the census."""
-        if self.uniform_weights or not nodes:
-            return dict.fromkeys(nodes, 1.0 / len(nodes)) if nodes else {}
-        self._census([n for n in nodes if n not in self.sample_counts], grid, config)
-        counted = [n for n in nodes if n in self.sample_counts]
-        total = sum(self.sample_counts[n] for n in counted)
-        if total == 0:
-            return dict.fromkeys(counted, 1.0 / len(counted)) if counted else {}
-        return {n: self.sample_counts[n] / total for n in counted}
-
-    def _census(self, nodes: list[int], grid: Grid, config: ConfigRecord) -> None:
-        """Ask new nodes once for their training sample count; a node that fails sits out.
+    def _census_weights(self, server_round: int, nodes: list[int], grid: Grid,
+                        config: ConfigRecord) -> dict[int, float]:
+        """a_k from the census, asking nodes not yet counted; a node that fails sits out.
 
         The run config goes along: a site needs it to find and prepare its data.
         """
-        if not nodes:
-            return
-        query = RecordDict({wire.CONFIG: config,
-                            wire.CENSUS: ConfigRecord({wire.FINGERPRINT: self.key.fingerprint})})
-        for reply in grid.send_and_receive([Message(query, n, MessageType.QUERY) for n in nodes]):
-            try:
-                answer = check_reply(reply, self.key)
-            except ReplyRejected as exc:
-                log(WARNING, "census: %s sits out this round: %s", site_label(reply), exc)
-                continue
-            self.sample_counts[answer.node_id] = answer.num_examples
-            log(INFO, "census: %s trains on %d samples", site_label(reply), answer.num_examples)
+        if unknown := self.census.unknown(nodes):
+            asked = self.screen.expect(MessageType.QUERY, server_round, dict.fromkeys(unknown))
+            queries = [Message(RecordDict({wire.CONFIG: config, wire.CENSUS: ConfigRecord({
+                wire.FINGERPRINT: self.key.fingerprint, wire.TRAINING_ID: self.training_id,
+                wire.NONCE: expected.nonce})}), node, MessageType.QUERY)
+                for node, expected in asked.items()]
+            for reply in self.screen.screen(grid.send_and_receive(queries), asked,
+                                            MessageType.QUERY, server_round, array_record=None):
+                self.census.count(reply.node_id, reply.num_examples)
+                log(INFO, "census: %s trains on %d samples", reply.site, reply.num_examples)
+        return self.census.weights(nodes)
 
     # ------------------------------------------------------------- aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the valid replies' ciphertexts and a_k; keep the old global below min_replies."""
-        server_round += self._round_offset
-        updates = self._valid_updates(server_round, list(replies))
-        metrics = self._metrics(server_round, "train", [u.reply for u in updates],
-                                self.train_metrics_aggr_fn)
-        if len(updates) < self.min_replies:
+        candidates = self._one_layout(server_round, self.screen.screen(
+            replies, self._asked, MessageType.TRAIN, server_round, array_record=wire.UPDATE))
+        summed = sum_updates(
+            self.key, [reply.content[wire.UPDATE] for reply, _ in candidates],  # type: ignore[misc]
+            expected_sizes=self.current.chunk_sizes if self.current else None,
+            on_rejected=lambda i, exc: self.screen.reject(TRAIN, server_round,
+                                                          candidates[i][0].node_id, exc))
+        used = [candidates[i] for i in summed.included] if summed else []
+        for reply, _ in used:
+            self.screen.record(TRAIN, reply)
+        self.history.round_closed(TRAIN, server_round)
+        metrics = self._metrics(TRAIN, [reply for reply, _ in used])
+        if summed is None or len(used) < self.min_replies:
             log(WARNING, "round %d: %d valid replies, %d needed: keeping the previous global "
-                "(round %d)", server_round, len(updates), self.min_replies, self.completed_rounds)
+                "(round %d)", server_round, len(used), self.min_replies, self.completed_rounds)
             return None, metrics
-        total = updates[0].vectors  # freshly parsed and ours: sum into them in place
-        for update in updates[1:]:
-            for acc, vector in zip(total, update.vectors, strict=True):
-                acc.add_(vector)
         self.current = EncryptedGlobal(
-            server_round=server_round, ciphertexts=[v.serialize() for v in total],
-            weight_sum=math.fsum(self._weights[u.reply.node_id] for u in updates),  # any order
-            layout_hash=updates[0].layout_hash, chunk_sizes=updates[0].chunk_sizes,
+            server_round=server_round, ciphertexts=summed.ciphertexts,
+            weight_sum=math.fsum(self._asked[r.node_id].site_weight or 0.0 for r, _ in used),
+            layout_hash=used[0][1], chunk_sizes=summed.chunk_sizes,
             key_fingerprint=self.key.fingerprint, training_id=self.training_id)
         log(INFO, "round %d: new encrypted global from %d sites, s = %.6f", server_round,
-            len(updates), self.current.weight_sum)
+            len(used), self.current.weight_sum)
         if self.checkpoint_dir is not None:
             save_checkpoint(self.checkpoint_dir, self.current)
-        return self.initial_arrays(), metrics
+            save_history(self.checkpoint_dir, self.history.to_json())
+        return self.global_record(), metrics
 
-    def _valid_updates(self, server_round: int, replies: list[Message]) -> list[SiteUpdate]:
-        """Checked updates in one layout: the current global's, or in the first round the
-        layout most replies share (ties go to the first reply)."""
-        candidates: list[SiteUpdate] = []
-        expected: tuple[str, tuple[int, ...]] | None = None
-        for message in replies:
+    def _one_layout(self, server_round: int, replies: list[CheckedReply]
+                    ) -> list[tuple[CheckedReply, str]]:
+        """The train replies in the federation's layout, with their layout hash, by what they
+        declare (hash and ciphertext count) before anything is parsed: the current global's
+        layout, or in the first round the one most replies share (ties: the first reply's)."""
+        declared: list[tuple[CheckedReply, str, int]] = []
+        for reply in replies:
             try:
-                if message.has_error():  # a dropout's reply comes from the SuperLink, not the node
-                    raise ReplyRejected(f"the site reported an error: {message.error.reason}")
-                weight = self._weights.get(message.metadata.src_node_id)
-                if weight is None:
-                    raise ReplyRejected("this node was not sampled for the round")
-                candidates.append(check_update(message, self.key, weight))
+                layout_hash = check_train_fields(reply, self._asked[reply.node_id])
+                count = declared_count(self.key, reply.content[wire.UPDATE])  # type: ignore[arg-type]
             except ReplyRejected as exc:
-                log(WARNING, "round %d: excluded %s: %s", server_round, site_label(message), exc)
+                self.screen.reject(TRAIN, server_round, reply.node_id, exc)
+                continue
+            declared.append((reply, layout_hash, count))
         if self.current is not None:
-            expected = (self.current.layout_hash, self.current.chunk_sizes)
-        elif candidates:
-            expected = Counter((u.layout_hash, u.chunk_sizes) for u in candidates).most_common(1)[0][0]
-        valid = []
-        for update in candidates:
-            if (update.layout_hash, update.chunk_sizes) == expected:
-                valid.append(update)
+            expected = (self.current.layout_hash, len(self.current.chunk_sizes))
+        elif declared:
+            expected = Counter((h, n) for _, h, n in declared).most_common(1)[0][0]
+        kept = []
+        for reply, layout_hash, count in declared:
+            if (layout_hash, count) == expected:
+                kept.append((reply, layout_hash))
             else:
-                log(WARNING, "round %d: excluded node %d (site %s): layout %s with %d slots "
-                    "differs from the federation's %s with %d slots", server_round,
-                    update.reply.node_id, update.reply.site, update.layout_hash[:12],
-                    sum(update.chunk_sizes), expected[0][:12], sum(expected[1]))
-        return valid
+                self.screen.reject(TRAIN, server_round, reply.node_id, ReplyRejected(
+                    f"layout {layout_hash[:12]} in {count} ciphertexts differs from the "
+                    f"federation's {expected[0][:12]} in {expected[1]}"))
+        return kept
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Weighted plaintext metrics of the replies that pass the checks."""
-        server_round += self._round_offset
-        valid = []
-        for message in replies:
-            try:
-                valid.append(check_reply(message, self.key))
-            except ReplyRejected as exc:
-                log(WARNING, "round %d evaluate: excluded %s: %s", server_round,
-                    site_label(message), exc)
-        return self._metrics(server_round, "evaluate", valid, self.evaluate_metrics_aggr_fn)
+        """Record each valid reply's metrics and return their weighted mean."""
+        accepted = self.screen.screen(replies, self._asked, MessageType.EVALUATE, server_round,
+                                      array_record=None)
+        for reply in accepted:
+            self.screen.record(EVALUATE, reply)
+        self.history.round_closed(EVALUATE, server_round)
+        if self.checkpoint_dir is not None and self.current is not None:
+            save_history(self.checkpoint_dir, self.history.to_json())
+        return self._metrics(EVALUATE, accepted)
 
-    def _metrics(self, server_round: int, kind: str, replies: list[SiteReply],
-                 aggregate: object) -> MetricRecord | None:
-        """Record each site's metrics, then weight them by `num-examples`."""
-        self.history[kind][server_round] = {
-            r.site: {k: v for k, v in r.content.metric_records[wire.METRICS].items()}
-            for r in replies
-        }
-        if self.checkpoint_dir is not None:
-            save_history(self.checkpoint_dir, self.history)
+    def _metrics(self, kind: str, replies: list[CheckedReply]) -> MetricRecord | None:
+        """The `num-examples`-weighted mean of checked metrics (every count is at least 1)."""
         if not replies:
             return None
-        return aggregate([r.content for r in replies], self.weighted_by_key)  # type: ignore[operator]
+        aggregate = self.train_metrics_aggr_fn if kind == TRAIN else self.evaluate_metrics_aggr_fn
+        return aggregate(metric_contents(replies), self.weighted_by_key)
+

@@ -1,128 +1,184 @@
-"""Checks on what a site sends the aggregator; a failed check names the reason.
+"""Type and range checks on every field of a site's reply, before the aggregator uses any of it.
 
-Everything here works with the params-only context: it can parse and add ciphertexts,
-never decrypt them.
+A reply is untrusted input: each record must be the one expected, each field the expected type
+and inside its range, each metric a finite scalar. What passes becomes a `CheckedReply`; anything
+else raises `ReplyRejected` naming the field, and the strategy excludes that site for the round.
+Nothing here parses a ciphertext (`strategies.ciphertext_sum` does, after these checks).
 """
 
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeVar
 
-import tenseal as ts
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedhealth.core.crypto import wire
-from fedhealth.core.crypto.aggregator_key import AggregatorKey
+
+MAX_NUM_EXAMPLES = 10**8
+"""Largest sample count a reply may state: no hospital holds 10^8 labelled images for one model;
+more is an error or an attempt to take over the weighted mean (the coordinator's cap,
+`max-site-weight`, bounds a_k below this)."""
+MAX_METRICS = 32
+SITE_NAME = re.compile(r"[\w.-][\w .-]{0,62}[\w.-]|[\w.-]")
+"""1-64 letters, digits, `.`, `-`, `_` or inner spaces: a name that is safe in logs and JSON."""
+LAYOUT_HASH = re.compile(r"[0-9a-f]{64}")
+T = TypeVar("T")
 
 
 class ReplyRejected(ValueError):
-    """A reply cannot be aggregated; the message says why."""
+    """A reply cannot be used; the message names the field and what was wrong with it."""
 
 
 @dataclass(frozen=True)
-class SiteReply:
-    """A reply that passed the checks every reply needs (train, evaluate, census)."""
+class Expected:
+    """What the aggregator asked one node this round; a reply is checked against it."""
 
+    kind: str  # "train", "evaluate" or "query" (Flower's MessageType)
+    server_round: int  # the aggregator's own count (the census runs inside a train round)
+    nonce: str  # the fresh random hex string this node's instruction carried
+    site_weight: float | None = None  # the a_k sent, for train replies
+
+
+@dataclass(frozen=True)
+class CheckedReply:
+    """A reply whose fields all passed their checks, with the round context the aggregator holds.
+
+    `site` comes from the reply's `fh.crypto` record (as the reply states it: a verifier
+    checks it against that site's key); `server_round`, `nonce` and `site_weight` (the a_k
+    sent, train replies only) are the aggregator's, never read from the reply. `content` is
+    the reply itself, for a `ReplyVerifier` that needs more (a signature, the ciphertext bytes).
+    """
+
+    kind: str
     node_id: int
     site: str
-    content: RecordDict
+    server_round: int
+    nonce: str
     num_examples: int
-
-
-@dataclass(frozen=True)
-class SiteUpdate:
-    """A train reply whose ciphertexts parsed: E(a_k w_k) ready to add."""
-
-    reply: SiteReply
-    vectors: list[ts.CKKSVector]
-    layout_hash: str
+    metrics: Mapping[str, float]
+    site_weight: float | None
+    content: RecordDict = field(repr=False, compare=False)
 
     @property
-    def chunk_sizes(self) -> tuple[int, ...]:
-        """Slots used per ciphertext (two values each with complex slots)."""
-        return tuple(v.size() for v in self.vectors)
+    def uplink_bytes(self) -> int:
+        """Bytes of every array the reply carried (ciphertexts, or plaintext tensors)."""
+        return sum(len(array.data) for record in self.content.array_records.values()
+                   for array in record.values())
 
 
-def site_label(message: Message) -> str:
-    """`node N (site S)` for log lines, with the site name when the reply carries one."""
-    node = f"node {message.metadata.src_node_id}"
-    if message.has_content():
-        crypto = message.content.config_records.get(wire.CRYPTO)
-        if crypto is not None and isinstance(crypto.get(wire.SITE), str):
-            return f"{node} (site {crypto[wire.SITE]})"
-    return node
+ReplyVerifier = Callable[[CheckedReply, str], None]
+"""The hook where a signature check plugs in: `verifier(reply, training_id)` returns None for a
+reply it accepts and raises `ReplyRejected` (saying why) for any other. It is called once per
+train, evaluate and census reply, after every field check and before any ciphertext is parsed
+or any record kept, so a reply it refuses costs no parsing and leaves no trace but its
+rejection. `reply.nonce` is the nonce the aggregator sent that node for that round."""
 
 
-def check_reply(message: Message, key: AggregatorKey) -> SiteReply:
-    """Content present, same federation key, a site name and a usable `num-examples`."""
-    if message.has_error():
-        raise ReplyRejected(f"the site reported an error: {message.error.reason}")
-    content = message.content
-    crypto = content.config_records.get(wire.CRYPTO)
-    if crypto is None:
-        raise ReplyRejected(f"missing ConfigRecord '{wire.CRYPTO}'")
-    fingerprint = crypto.get(wire.FINGERPRINT)
-    if fingerprint is None:
-        raise ReplyRejected(f"missing field '{wire.FINGERPRINT}'")
-    if fingerprint != key.fingerprint:
-        raise ReplyRejected(f"encrypted under another federation's key (fingerprint "
-                            f"{fingerprint}, this federation uses {key.fingerprint})")
-    metrics = content.metric_records.get(wire.METRICS)
-    if metrics is None:
-        raise ReplyRejected(f"missing MetricRecord '{wire.METRICS}'")
-    num_examples = metrics.get(wire.NUM_EXAMPLES)
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 0:
-        raise ReplyRejected(f"'{wire.NUM_EXAMPLES}' must be a non-negative int, "
-                            f"got {num_examples!r}")
-    site = crypto.get(wire.SITE, f"node-{message.metadata.src_node_id}")
-    return SiteReply(message.metadata.src_node_id, str(site), content, num_examples)
+def check_reply(message: Message, expected: Expected, *, fingerprint: str | None,
+                array_record: str | None) -> CheckedReply:
+    """The checks every reply needs: records present and no others, site name, key, metrics.
 
-
-def check_update(message: Message, key: AggregatorKey, site_weight: float) -> SiteUpdate:
-    """A train reply: the common checks, the a_k it used, and ciphertexts that parse."""
-    reply = check_reply(message, key)
-    crypto = reply.content.config_records[wire.CRYPTO]
-    for name in (wire.LAYOUT_HASH, wire.SITE_WEIGHT):
-        if name not in crypto:
-            raise ReplyRejected(f"missing field '{name}'")
-    used = float(crypto[wire.SITE_WEIGHT])  # type: ignore[arg-type]
-    if not math.isclose(used, site_weight, rel_tol=1e-9, abs_tol=1e-12):
-        raise ReplyRejected(f"multiplied by weight {used}, the aggregator sent {site_weight}")
-    record = reply.content.array_records.get(wire.UPDATE)
-    if record is None:
-        raise ReplyRejected(f"missing ArrayRecord '{wire.UPDATE}'")
-    try:
-        blobs = wire.record_to_ciphertexts(record)
-    except ValueError as exc:
-        raise ReplyRejected(str(exc)) from None
-    if not blobs:
-        raise ReplyRejected("no ciphertexts")
-    return SiteUpdate(reply, parse_ciphertexts(key, blobs), str(crypto[wire.LAYOUT_HASH]))
-
-
-def parse_ciphertexts(key: AggregatorKey, blobs: list[bytes]) -> list[ts.CKKSVector]:
-    """Deserialize with the params-only context and check each ciphertext can be added.
-
-    A fresh ciphertext of this preset has 2 polynomials at the data level, the preset's
-    scale and at most N/2 values; anything else would make the sum fail or overflow.
+    `fingerprint`: the federation key's, which encrypted replies must state (None: plaintext).
+    `array_record`: the ArrayRecord a train reply carries (`fh.update`, or `arrays` in
+    plaintext), None for replies that carry metrics only.
     """
-    preset = key.preset
-    data_primes = len(preset.coeff_mod_bit_sizes) - 1
-    max_bytes = 2 * preset.poly_modulus_degree * data_primes * 8 + 4096  # uncompressed + header
-    vectors = []
-    for i, blob in enumerate(blobs):
-        if not 0 < len(blob) <= max_bytes:
-            raise ReplyRejected(f"ciphertext {i} has {len(blob)} bytes, expected 1..{max_bytes}")
-        try:
-            vector = ts.ckks_vector_from(key.context, blob)
-            (ciphertext,) = vector.ciphertext()
-        except Exception as exc:  # TenSEAL raises ValueError/RuntimeError on bad streams
-            raise ReplyRejected(f"ciphertext {i} does not deserialize ({exc})") from None
-        if (ciphertext.size() != 2 or ciphertext.coeff_modulus_size() != data_primes
-                or ciphertext.scale != preset.scale or ciphertext.is_transparent()
-                or not 0 < vector.size() <= preset.slots):
-            raise ReplyRejected(f"ciphertext {i} is not a fresh '{preset.name}' ciphertext "
-                                f"(scale {ciphertext.scale:g}, "
-                                f"{ciphertext.coeff_modulus_size()} primes, "
-                                f"{vector.size()} values)")
-        vectors.append(vector)
-    return vectors
+    if message.has_error():  # a dropout's reply comes from the SuperLink, not the node
+        raise ReplyRejected(f"the site reported an error: {message.error.reason}")
+    if not message.has_content():
+        raise ReplyRejected("the reply has no content")
+    content = message.content
+    records: dict[str, type] = {wire.CRYPTO: ConfigRecord, wire.METRICS: MetricRecord}
+    if array_record is not None:
+        records[array_record] = ArrayRecord
+    _check_records(content, records)
+    crypto = content.config_records[wire.CRYPTO]
+    site = _field(crypto, wire.SITE, str)
+    if not SITE_NAME.fullmatch(site):
+        raise ReplyRejected(f"'{wire.SITE}' must be 1-64 letters, digits, '.', '-', '_' or "
+                            f"inner spaces, got {site[:80]!r}")
+    if fingerprint is not None:
+        stated = _field(crypto, wire.FINGERPRINT, str)
+        if stated != fingerprint:
+            raise ReplyRejected(f"encrypted under another federation's key (fingerprint "
+                                f"{stated[:64]!r}, this federation uses {fingerprint})")
+    num_examples, metrics = check_metrics(content.metric_records[wire.METRICS])
+    return CheckedReply(expected.kind, message.metadata.src_node_id, site,
+                        expected.server_round, expected.nonce, num_examples, metrics,
+                        expected.site_weight, content)
+
+
+def check_train_fields(reply: CheckedReply, expected: Expected) -> str:
+    """An encrypted train reply's `site-weight` (the a_k sent) and `layout-hash`; returns the hash."""
+    crypto = reply.content.config_records[wire.CRYPTO]
+    layout_hash = _field(crypto, wire.LAYOUT_HASH, str)
+    if not LAYOUT_HASH.fullmatch(layout_hash):
+        raise ReplyRejected(f"'{wire.LAYOUT_HASH}' must be 64 lowercase hex digits, got "
+                            f"{layout_hash[:80]!r}")
+    used = _field(crypto, wire.SITE_WEIGHT, float)
+    assert expected.site_weight is not None, "train replies are checked against the a_k sent"
+    if not math.isclose(used, expected.site_weight, rel_tol=1e-9, abs_tol=1e-12):
+        raise ReplyRejected(f"multiplied by weight {used}, the aggregator sent "
+                            f"{expected.site_weight}")
+    return layout_hash
+
+
+def check_metrics(record: MetricRecord) -> tuple[int, Mapping[str, float]]:
+    """`num-examples` as an int in 1..MAX_NUM_EXAMPLES, and the other metrics as finite floats."""
+    if wire.NUM_EXAMPLES not in record:
+        raise ReplyRejected(f"'{wire.METRICS}' lacks '{wire.NUM_EXAMPLES}'")
+    num_examples = record[wire.NUM_EXAMPLES]
+    if (not isinstance(num_examples, int) or isinstance(num_examples, bool)
+            or not 1 <= num_examples <= MAX_NUM_EXAMPLES):
+        raise ReplyRejected(f"'{wire.NUM_EXAMPLES}' must be an int in 1..{MAX_NUM_EXAMPLES}, "
+                            f"got {_shown(num_examples)}")
+    if len(record) > MAX_METRICS + 1:
+        raise ReplyRejected(f"'{wire.METRICS}' has {len(record)} entries, at most "
+                            f"{MAX_METRICS + 1} allowed")
+    metrics: dict[str, float] = {}
+    for name, value in record.items():
+        if name == wire.NUM_EXAMPLES:
+            continue
+        if len(name) > 64:
+            raise ReplyRejected(f"metric name {name[:64]!r}... is longer than 64 characters")
+        if (not isinstance(value, int | float) or isinstance(value, bool)
+                or not math.isfinite(value)):
+            raise ReplyRejected(f"metric '{name}' must be a finite number, got {_shown(value)}")
+        metrics[name] = float(value)
+    return num_examples, MappingProxyType(metrics)
+
+
+def _check_records(content: RecordDict, records: Mapping[str, type]) -> None:
+    """Exactly the expected records, each of its kind: no extra, none missing."""
+    extra = sorted(set(content) - set(records))
+    if extra:
+        raise ReplyRejected(f"unexpected record '{extra[0][:64]}' (a reply carries exactly "
+                            f"{', '.join(sorted(records))})")
+    for name, kind in records.items():
+        if name not in content:
+            raise ReplyRejected(f"missing {kind.__name__} '{name}'")
+        if not isinstance(content[name], kind):
+            raise ReplyRejected(f"'{name}' must be a {kind.__name__}, got "
+                                f"{type(content[name]).__name__}")
+
+
+def _field(record: ConfigRecord, name: str, kind: type[T]) -> T:
+    """`record[name]` when it has the type asked for (an int counts as a finite float)."""
+    if name not in record:
+        raise ReplyRejected(f"missing field '{name}'")
+    value = record[name]
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if math.isfinite(value):
+            return float(value)  # type: ignore[return-value]
+    elif isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise ReplyRejected(f"field '{name}' must be a {'finite ' if kind is float else ''}"
+                        f"{kind.__name__}, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: its type and at most 60 characters of it."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"

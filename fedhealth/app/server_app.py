@@ -1,8 +1,9 @@
 """The ServerApp: composes a strategy from the run config and runs the federation.
 
 Encrypted runs use `strategies.EncryptedFedAvg` with the aggregator's params-only key; plaintext
-runs use Flower's own FedAvg, so the two are directly comparable. Either way the aggregator
-never builds a model: round 1 starts from the seed every site derives.
+runs use Flower's own FedAvg behind the same reply checks (`strategies.CheckedFedAvg`), so the
+two are directly comparable. Either way the aggregator never builds a model: round 1 starts
+from the seed every site derives. The strategy's run history is what results.json reports.
 """
 
 import time
@@ -12,19 +13,19 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedhealth.core.config import ConfigError, RunConfig
+from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.aggregator_key import load_aggregator_context
-from fedhealth.core.run_history import RunHistory, write_json_atomically
+from fedhealth.core.run_history import RunResults, write_json_atomically
 from strategies.encrypted_fedavg import EncryptedFedAvg
+from strategies.plaintext_fedavg import CheckedFedAvg
 
-AGGREGATOR_KEY_FILE = "aggregator.ctx"
-RESULTS_FILE = "results.json"
+RunStrategy = EncryptedFedAvg | CheckedFedAvg
 
 
-def build_strategy(config: RunConfig, history: RunHistory) -> tuple[Strategy, ArrayRecord]:
-    """The strategy for this run and the arrays it starts from.
+def build_strategy(config: RunConfig) -> RunStrategy:
+    """The strategy for this run; it starts from its `global_record()` (empty but on resume).
 
     Plaintext runs start from an empty ArrayRecord as encrypted ones do: every site builds the
     round-1 model from the run seed, so the aggregator needs no model (nor its class count).
@@ -34,19 +35,22 @@ def build_strategy(config: RunConfig, history: RunHistory) -> tuple[Strategy, Ar
         min_train_nodes=config.min_sites,
         min_evaluate_nodes=config.min_sites,
         min_available_nodes=config.min_sites,
-        train_metrics_aggr_fn=history.aggregate_train,
-        evaluate_metrics_aggr_fn=history.aggregate_evaluate,
     )
     if not config.encrypted:
-        return FedAvg(**common), ArrayRecord()
+        return CheckedFedAvg(**common)
     if not config.key_dir:
         raise ConfigError("encrypted runs need run config 'key-dir': a folder holding the "
-                          "aggregator.ctx written by `fedhealth keys init --out DIR`")
-    key = load_aggregator_context(Path(config.key_dir) / AGGREGATOR_KEY_FILE)
-    checkpoint_dir = Path(config.out_dir) / "checkpoint" if config.out_dir else None
-    strategy = EncryptedFedAvg(key, uniform_weights=config.uniform_weights,
-                               checkpoint_dir=checkpoint_dir, resume=config.resume, **common)
-    return strategy, strategy.initial_arrays()
+                          f"{wire.AGGREGATOR_KEY_FILE} written by `fedhealth keys init --out DIR`")
+    key = load_aggregator_context(Path(config.key_dir) / wire.AGGREGATOR_KEY_FILE)
+    checkpoint_dir = Path(config.out_dir) / wire.CHECKPOINT_DIR if config.out_dir else None
+    return EncryptedFedAvg(key, uniform_weights=config.uniform_weights,
+                           max_site_weight=config.max_site_weight,
+                           checkpoint_dir=checkpoint_dir, resume=config.resume, **common)
+
+
+def starting_arrays(strategy: RunStrategy) -> ArrayRecord:
+    """What Flower's loop is given: the encrypted global to resume from, or nothing."""
+    return strategy.global_record() if isinstance(strategy, EncryptedFedAvg) else ArrayRecord()
 
 
 def wait_for_sites(grid: Grid, config: RunConfig, poll_seconds: float = 1.0) -> int:
@@ -68,7 +72,7 @@ def wait_for_sites(grid: Grid, config: RunConfig, poll_seconds: float = 1.0) -> 
     return connected
 
 
-def evaluate_round_zero(strategy: Strategy, grid: Grid, arrays: ArrayRecord,
+def evaluate_round_zero(strategy: RunStrategy, grid: Grid, arrays: ArrayRecord,
                         config: RunConfig) -> None:
     """Evaluate the starting model on every site, so later rounds have a baseline."""
     replies = grid.send_and_receive(
@@ -77,24 +81,22 @@ def evaluate_round_zero(strategy: Strategy, grid: Grid, arrays: ArrayRecord,
         log(WARNING, "Round 0 evaluation got no valid reply")
 
 
-def run_federation(grid: Grid, config: RunConfig) -> dict[str, object]:
+def run_federation(grid: Grid, config: RunConfig) -> RunResults:
     """Run all rounds, then write and return the results (per-site metrics, timing, bytes)."""
-    history = RunHistory()
-    strategy, arrays = build_strategy(config, history)
-    if isinstance(strategy, EncryptedFedAvg):  # a resumed run reports its earlier rounds too
-        history.restore(strategy.history["train"], strategy.history["evaluate"])
+    strategy = build_strategy(config)  # a resumed run's history holds its earlier rounds
+    arrays = starting_arrays(strategy)
     wait_for_sites(grid, config)
     started = time.perf_counter()
     if not config.resume:
         evaluate_round_zero(strategy, grid, arrays, config)
     strategy.start(grid, arrays, num_rounds=config.num_server_rounds,
                    train_config=config.to_record(), evaluate_config=config.to_record())
-    results = {"strategy": config.policy, "encrypted": config.encrypted,
-               "rounds": config.num_server_rounds,
-               "seconds": time.perf_counter() - started, **history.to_json()}
+    results = RunResults(strategy=config.policy, encrypted=config.encrypted,
+                         rounds=config.num_server_rounds,
+                         seconds=time.perf_counter() - started, history=strategy.history)
     if config.out_dir:
-        path = Path(config.out_dir) / RESULTS_FILE
-        write_json_atomically(path, results)
+        path = Path(config.out_dir) / wire.RESULTS_FILE
+        write_json_atomically(path, results.to_json())
         log(INFO, "Results written to %s", path)
     return results
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from flwr.simulation import run_simulation
 
-from fedhealth.app.server_app import RESULTS_FILE, server_app
+from fedhealth.app.server_app import server_app
 from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto.wire import RESULTS_FILE
 from sites.client_app import app as client_app
 from sites.site_settings import simulated_site_dirs
 

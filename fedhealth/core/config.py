@@ -34,6 +34,8 @@ class RunConfig:
         so without this wait a site that joins a second late sits out round 0.
     balanced_loss: weight each class equally in a site's training loss, whatever its prevalence
         there; for sites so skewed that a model predicts only their majority class.
+    max_site_weight: the largest share a_k of the global any one site gets from the census of
+        sample counts, whatever count it claims (1: no cap); the excess goes to the others.
     """
 
     num_server_rounds: int = 3
@@ -54,6 +56,7 @@ class RunConfig:
     proximal_mu: float = 0.01
     balanced_loss: bool = False
     uniform_weights: bool = False
+    max_site_weight: float = 1.0
     data_dir: str = ""
     key_dir: str = ""
     state_dir: str = ""
@@ -120,6 +123,7 @@ def _check_ranges(config: RunConfig) -> None:
         "expected_sites": (config.expected_sites >= 0, ">= 0 (0: do not wait)"),
         "join_timeout": (config.join_timeout >= 0, ">= 0 seconds"),
         "fraction_train": (0 < config.fraction_train <= 1, "in (0, 1]"),
+        "max_site_weight": (0 < config.max_site_weight <= 1, "in (0, 1]"),
         "local_epochs": (config.local_epochs >= 1, ">= 1"),
         "batch_size": (config.batch_size >= 1, ">= 1"),
         "learning_rate": (config.learning_rate > 0, "> 0"),

@@ -1,105 +1,166 @@
-"""What a federation run leaves behind: per-site metrics by round and uplink bytes.
+"""The one record of a federation run: per site and round, what the aggregator accepted or refused.
 
-Flower's strategies only keep weighted means; a researcher needs each hospital's numbers.
-`RunHistory` plugs into a strategy as its metrics-aggregation function, so the same history
-is kept whether the strategy is Flower's FedAvg or our encrypted one.
+Flower's strategies only keep weighted means; a researcher needs each hospital's numbers, and a
+coordinator needs to know who was excluded and why. The strategy fills one `RunHistory` with
+validated records only (site from the reply's checked `fh.crypto` record, round from the
+aggregator's own count); the same object is checkpointed beside E(global) and becomes
+results.json, so there is no second copy to disagree with.
 """
 
 import json
+import math
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
-
-from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from types import MappingProxyType
 
 from fedhealth.core.atomic_file import write_atomically
 
-SITE_RECORD = "site"
-"""Name of the ConfigRecord every site reply carries: {"name": str, "server-round": int}."""
-
-SiteMetrics = dict[str, dict[str, float]]  # site name -> metric name -> value
-
 EVALUATION_METRICS = ("accuracy", "balanced_accuracy", "auc", "dice")  # dice: segmentation
+TRAIN, EVALUATE = "train", "evaluate"  # the kinds of round a site reports on
+KINDS = (TRAIN, EVALUATE)
 
 
-def site_of(content: RecordDict) -> tuple[str, int]:
-    """The (site name, server round) a reply says it answers."""
-    record = content[SITE_RECORD]
-    return str(record["name"]), int(record["server-round"])  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class SiteRecord:
+    """One site's accepted reply in one round: checked counts and finite scalar metrics."""
+
+    site: str
+    num_examples: int
+    metrics: Mapping[str, float]
+    uplink_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in self.metrics.values()):
+            raise ValueError(f"site {self.site}: metrics must be finite, got {dict(self.metrics)}")
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+
+    def to_json(self) -> dict[str, object]:
+        return {"site": self.site, "num_examples": self.num_examples,
+                "metrics": dict(self.metrics), "uplink_bytes": self.uplink_bytes}
 
 
-def _metrics_of(content: RecordDict) -> dict[str, float]:
-    metrics = next(iter(content.metric_records.values()))
-    return {key: float(value) for key, value in metrics.items()}  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class Rejection:
+    """A reply the aggregator refused, and why; `site` is None when the reply named none."""
 
-
-def _uplink_bytes(content: RecordDict) -> int:
-    return sum(array.numpy().nbytes for record in content.array_records.values()
-               for array in record.values())
+    kind: str
+    server_round: int
+    node_id: int
+    site: str | None
+    reason: str
 
 
 @dataclass
 class RunHistory:
-    """Per-round, per-site metrics and uplink bytes, filled in by a strategy's aggregation hooks."""
+    """Accepted records by kind, round and site; rejections in the order they happened."""
 
-    evaluate: dict[int, SiteMetrics] = field(
-        default_factory=lambda: defaultdict(dict))
-    train: dict[int, SiteMetrics] = field(
-        default_factory=lambda: defaultdict(dict))
-    uplink_bytes: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    evaluated_at: dict[int, float] = field(default_factory=dict)
+    records: dict[str, dict[int, dict[str, SiteRecord]]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS})
+    rejections: list[Rejection] = field(default_factory=list)
+    evaluated_at: dict[int, float] = field(default_factory=dict)  # this process's rounds only
 
-    def aggregate_train(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
-        """Record each site's training metrics and bytes sent, then take the weighted mean."""
-        for content in replies:
-            site, server_round = site_of(content)
-            self.train[server_round][site] = _metrics_of(content)
-            self.uplink_bytes[server_round] += _uplink_bytes(content)
-        return aggregate_metricrecords(replies, weight_key)
-
-    def aggregate_evaluate(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
-        """Record each site's evaluation metrics, then take the weighted mean."""
-        for content in replies:
-            site, server_round = site_of(content)
-            self.evaluate[server_round][site] = _metrics_of(content)
+    def record(self, kind: str, server_round: int, record: SiteRecord) -> None:
+        """Keep `record`; a second record for the same site and round is a bug in the caller."""
+        sites = self.records[kind].setdefault(server_round, {})
+        if record.site in sites:
+            raise ValueError(f"round {server_round} {kind}: site {record.site} is already recorded")
+        sites[record.site] = record
+        if kind == EVALUATE:
             self.evaluated_at[server_round] = time.perf_counter()
-        return aggregate_metricrecords(replies, weight_key)
 
-    def restore(self, train: dict[int, SiteMetrics], evaluate: dict[int, SiteMetrics]) -> None:
-        """Add the rounds a resumed run finished before its restart (their timing is not kept)."""
-        for server_round, sites in train.items():
-            self.train[server_round].update(sites)
-        for server_round, sites in evaluate.items():
-            self.evaluate[server_round].update(sites)
+    def reject(self, rejection: Rejection) -> None:
+        self.rejections.append(rejection)
+
+    def round_closed(self, kind: str, server_round: int) -> None:
+        """Mark a round as done even when no site was accepted (it then shows as empty)."""
+        self.records[kind].setdefault(server_round, {})
+        if kind == EVALUATE:
+            self.evaluated_at.setdefault(server_round, time.perf_counter())
+
+    def sites(self, kind: str, server_round: int) -> dict[str, SiteRecord]:
+        return dict(self.records[kind].get(server_round, {}))
 
     def final_per_site(self) -> dict[str, dict[str, float]]:
-        """Each site's metrics from the last round it was evaluated in."""
-        latest: dict[str, dict[str, float]] = {}
-        for server_round in sorted(self.evaluate):
-            latest.update(self.evaluate[server_round])
-        return {site: {k: latest[site][k] for k in EVALUATION_METRICS if k in latest[site]}
-                for site in sorted(latest)}
+        """Each site's evaluation metrics from the last round it was evaluated in."""
+        latest: dict[str, SiteRecord] = {}
+        for server_round in sorted(self.records[EVALUATE]):
+            latest.update(self.records[EVALUATE][server_round])
+        return {site: {k: latest[site].metrics[k] for k in EVALUATION_METRICS
+                       if k in latest[site].metrics} for site in sorted(latest)}
 
     def round_seconds(self) -> dict[int, float]:
         """Wall time of each round (train + evaluate), from one evaluation to the next."""
         rounds = sorted(self.evaluated_at)
         return {r: self.evaluated_at[r] - self.evaluated_at[p] for p, r in pairwise(rounds)}
 
+    def uplink_bytes_per_round(self) -> float:
+        """Mean bytes the accepted train replies of a round carried, over rounds that had any."""
+        totals = [sum(r.uplink_bytes for r in sites.values())
+                  for sites in self.records[TRAIN].values()]
+        totals = [t for t in totals if t]
+        return sum(totals) / len(totals) if totals else 0
+
+    # ------------------------------------------------------------- JSON
+    def by_round_json(self, kind: str) -> dict[str, dict[str, dict[str, float]]]:
+        """`{round: {site: metrics}}` with string keys, as results.json has it."""
+        return {str(r): {s: dict(rec.metrics) for s, rec in sorted(sites.items())}
+                for r, sites in sorted(self.records[kind].items())}
+
     def to_json(self) -> dict[str, object]:
-        """A JSON-ready summary: per-site metrics by round, final per-site and mean metrics."""
-        per_site = self.final_per_site()
-        rounds_with_uplink = [n for n in self.uplink_bytes.values() if n]
+        """What a checkpoint keeps, and what `from_json` reads back: every record and rejection."""
         return {
+            kind: {str(r): {s: rec.to_json() for s, rec in sites.items()}
+                   for r, sites in rounds.items()}
+            for kind, rounds in self.records.items()
+        } | {"rejected": [asdict(r) for r in self.rejections]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object], source: str) -> "RunHistory":
+        """The inverse of `to_json`; a malformed history names `source` (usually its file)."""
+        history = cls()
+        try:
+            for kind in KINDS:
+                rounds = data.get(kind, {})
+                assert isinstance(rounds, dict)
+                for server_round, sites in rounds.items():
+                    for record in sites.values():
+                        history.records[kind].setdefault(int(server_round), {})
+                        history.records[kind][int(server_round)][record["site"]] = SiteRecord(
+                            **record)
+            rejected = data.get("rejected", [])
+            assert isinstance(rejected, list)
+            history.rejections = [Rejection(**r) for r in rejected]
+        except (AssertionError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: the run history is damaged ({exc!r}); move the "
+                             "checkpoint folder away to start a new run") from None
+        return history
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """What results.json holds: the run's settings, per-site metrics by round, timing and bytes."""
+
+    strategy: str
+    encrypted: bool
+    rounds: int
+    seconds: float
+    history: RunHistory = field(repr=False)
+
+    def to_json(self) -> dict[str, object]:
+        per_site = self.history.final_per_site()
+        return {
+            "strategy": self.strategy, "encrypted": self.encrypted, "rounds": self.rounds,
+            "seconds": self.seconds,
             "per_site": per_site,
             "mean": mean_metrics(per_site),
-            "evaluate_by_round": {str(r): dict(v) for r, v in sorted(self.evaluate.items())},
-            "train_by_round": {str(r): dict(v) for r, v in sorted(self.train.items())},
-            "round_seconds": {str(r): t for r, t in self.round_seconds().items()},
-            "uplink_bytes_per_round": (sum(rounds_with_uplink) / len(rounds_with_uplink)
-                                       if rounds_with_uplink else 0),
+            "evaluate_by_round": self.history.by_round_json(EVALUATE),
+            "train_by_round": self.history.by_round_json(TRAIN),
+            "rejected": [asdict(r) for r in self.history.rejections],
+            "round_seconds": {str(r): t for r, t in self.history.round_seconds().items()},
+            "uplink_bytes_per_round": self.history.uplink_bytes_per_round(),
         }
 
 
@@ -112,5 +173,6 @@ def mean_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def write_json_atomically(path: Path, payload: object) -> None:
-    """Write JSON so a reader never sees half a file, even if the process dies mid-write."""
-    write_atomically(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+    """Write strict JSON (no NaN) so a reader never sees half a file, even if the process dies."""
+    write_atomically(path, json.dumps(payload, indent=2, sort_keys=True,
+                                      allow_nan=False).encode())
