@@ -182,7 +182,7 @@ class EncryptedFedAvg(FedAvg):
         The run config goes along: a site needs it to find and prepare its data.
         """
         if unknown := self.census.unknown(nodes):
-            asked = self.screen.expect(MessageType.QUERY, server_round, dict.fromkeys(unknown))
+            asked = self.screen.expect(MessageType.QUERY, 0, dict.fromkeys(unknown))  # no round
             queries = [Message(RecordDict({wire.CONFIG: config, wire.CENSUS: ConfigRecord({
                 wire.FINGERPRINT: self.key.fingerprint, wire.TRAINING_ID: self.training_id,
                 wire.NONCE: expected.nonce})}), node, MessageType.QUERY)

@@ -1,16 +1,26 @@
-"""Simulated sites and a Grid fake that drive `EncryptedFedAvg` with real TenSEAL messages.
+"""Simulated sites and a Grid fake that drive the strategies with real TenSEAL messages.
 
 The fake only routes messages; every ciphertext is built by the site helpers in
-`fedhealth.core.crypto.messages` with a real secret key.
+`fedhealth.core.crypto.messages` with a real secret key. A site's `tamper` hook rewrites its
+reply (or replaces the whole message) to play a broken or hostile site.
 """
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.keys import SiteKey
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.messages import (
@@ -18,14 +28,25 @@ from fedhealth.core.crypto.messages import (
     build_evaluate_reply,
     build_reply,
     is_census,
+    read_census,
     read_instruction,
 )
+
+Tamper = Callable[[RecordDict, str], None]  # (reply content, message type): edits in place
 
 
 def random_tensors(seed: int, width: int = 3000) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"body.weight": rng.normal(size=(width,)),
             "head.weight": rng.normal(size=(4, 7)).astype(np.float32)}
+
+
+def only(message_type: str, edit: Callable[[RecordDict], None]) -> Tamper:
+    """A tamper hook that edits replies of one message type and leaves the others alone."""
+    def tamper(content: RecordDict, kind: str) -> None:
+        if kind == message_type:
+            edit(content)
+    return tamper
 
 
 @dataclass
@@ -36,36 +57,58 @@ class FakeSite:
     key: SiteKey
     num_examples: int
     target: dict[str, np.ndarray]
-    tamper: Callable[[RecordDict], None] | None = None
+    tamper: Tamper | None = None
     sent: list[RecordDict] = field(default_factory=list)
     seen: list[RecordDict] = field(default_factory=list)  # train/evaluate instructions received
     encrypted: list[dict[str, np.ndarray]] = field(default_factory=list)  # plaintexts sent
 
     def handle(self, message: Message) -> Message:
         content = self._answer(message)
-        if self.tamper is not None and message.metadata.message_type == MessageType.TRAIN:
-            self.tamper(content)
+        if self.tamper is not None:
+            self.tamper(content, message.metadata.message_type)
         self.sent.append(content)
         return Message(content, reply_to=message)
 
     def _answer(self, message: Message) -> RecordDict:
         if message.metadata.message_type == MessageType.QUERY:
             assert is_census(message.content)
-            return build_census_reply(self.key, self.num_examples, self.name)
+            return build_census_reply(self.key, read_census(message.content), self.num_examples,
+                                      self.name)
         self.seen.append(message.content)
         instruction = read_instruction(message.content)
-        layout = TensorLayout.of(self.target)
-        start = instruction.global_tensors(self.key, layout)
+        start = instruction.global_tensors(self.key, TensorLayout.of(self.target))
         if start is None:  # round 1: every site derives the same initialisation from the seed
             start = {k: np.zeros_like(v) for k, v in self.target.items()}
         if message.metadata.message_type == MessageType.EVALUATE:
-            distance = sum(float(np.abs(start[k] - v).mean()) for k, v in self.target.items())
-            return build_evaluate_reply(self.key, self.num_examples, {"distance": distance},
-                                        self.name)
+            return build_evaluate_reply(self.key, instruction, self.num_examples,
+                                        {"distance": self.distance(start)}, self.name)
         trained = {k: (0.5 * start[k] + 0.5 * v).astype(v.dtype) for k, v in self.target.items()}
         self.encrypted.append(trained)
-        return build_reply(self.key, trained, instruction.site_weight, self.num_examples,
+        return build_reply(self.key, instruction, trained, self.num_examples,
                            {"loss": float(self.num_examples)}, self.name)
+
+    def distance(self, tensors: dict[str, np.ndarray]) -> float:
+        return sum(float(np.abs(tensors[k] - v).mean()) for k, v in self.target.items())
+
+
+@dataclass
+class PlainSite(FakeSite):
+    """The same site speaking Flower FedAvg's plaintext messages (`arrays` in and out)."""
+
+    def _answer(self, message: Message) -> RecordDict:
+        record = message.content.array_records.get(wire.ARRAYS)
+        start = ({n: a.numpy() for n, a in record.items()} if record
+                 else {k: np.zeros_like(v) for k, v in self.target.items()})
+        identity = ConfigRecord({wire.SITE: self.name})
+        metrics = {"num-examples": self.num_examples}
+        if message.metadata.message_type == MessageType.EVALUATE:
+            return RecordDict({wire.METRICS: MetricRecord({**metrics,
+                                                           "distance": self.distance(start)}),
+                               wire.CRYPTO: identity})
+        trained = {k: (0.5 * start[k] + 0.5 * v).astype(v.dtype) for k, v in self.target.items()}
+        return RecordDict({wire.ARRAYS: ArrayRecord({n: Array(t) for n, t in trained.items()}),
+                           wire.METRICS: MetricRecord({**metrics, "loss": 1.0}),
+                           wire.CRYPTO: identity})
 
 
 class FakeGrid:
@@ -74,6 +117,7 @@ class FakeGrid:
     def __init__(self, sites: Iterable[FakeSite]) -> None:
         self.sites = {node_id: site for node_id, site in enumerate(sites, start=101)}
         self.received: list[Message] = []
+        self.extra: list[Message] = []  # replies injected beside the sites' own
         # What the ServerApp runtime sets before a strategy builds messages.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
 
@@ -83,5 +127,7 @@ class FakeGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
         replies = [self.sites[m.metadata.dst_node_id].handle(m) for m in messages]
+        replies += self.extra
+        self.extra = []
         self.received.extend(replies)
         return replies

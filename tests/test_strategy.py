@@ -1,16 +1,15 @@
 """EncryptedFedAvg with real TenSEAL ciphertexts: sums, exclusions, minimum replies, resume."""
 
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from strategy_harness import FakeGrid, FakeSite, random_tensors
+from strategy_harness import FakeGrid, FakeSite, only, random_tensors
 
 from fedhealth.core.crypto import wire
-from fedhealth.core.crypto.codec import decrypt_global, encrypt_update
+from fedhealth.core.crypto.codec import RoundBinding, decrypt_global, encrypt_update
 from fedhealth.core.crypto.keys import (
     SiteKey,
     init_key_files,
@@ -19,41 +18,39 @@ from fedhealth.core.crypto.keys import (
 )
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.presets import PRESETS
-from strategies.checkpoint import CHECKPOINT_FILE
+from fedhealth.core.crypto.wire import CHECKPOINT_FILE
 from strategies.encrypted_fedavg import EncryptedFedAvg
 
 
 def make_keys(directory: Path) -> SiteKey:
     init_key_files(directory)
-    return load_site_context(directory / "site.ctx")
+    return load_site_context(directory / wire.SITE_KEY_FILE)
 
 
-@pytest.fixture
-def flwr_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    yield caplog
-    logger.removeHandler(caplog.handler)
+def rejected(strategy: EncryptedFedAvg, kind: str = "train") -> dict[str | None, str]:
+    """Site name (None if the reply named none) -> recorded reason, for one kind of reply."""
+    return {r.site: r.reason for r in strategy.history.rejections if r.kind == kind}
 
 
 def strategy_for(key_dir: Path, sites: int, **kwargs: object) -> EncryptedFedAvg:
     kwargs.setdefault("min_replies", 2)
-    return EncryptedFedAvg(load_aggregator_context(key_dir / "aggregator.ctx"),
+    return EncryptedFedAvg(load_aggregator_context(key_dir / wire.AGGREGATOR_KEY_FILE),
                            min_train_nodes=sites, min_available_nodes=sites,
                            min_evaluate_nodes=sites, **kwargs)  # type: ignore[arg-type]
 
 
-def one_round(strategy: EncryptedFedAvg, grid: FakeGrid) -> ArrayRecord | None:
-    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
-    arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+def one_round(strategy: EncryptedFedAvg, grid: FakeGrid, server_round: int = 1
+              ) -> ArrayRecord | None:
+    messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
     return arrays
 
 
 def decrypted_global(strategy: EncryptedFedAvg, key: SiteKey,
                      layout: TensorLayout) -> dict[str, np.ndarray]:
     assert strategy.current is not None
-    return decrypt_global(key, strategy.initial_arrays(), layout, strategy.current.weight_sum)
+    return decrypt_global(key, strategy.global_record(), layout, strategy.current.weight_sum,
+                          binding=RoundBinding(strategy.training_id, strategy.current.server_round))
 
 
 @pytest.mark.parametrize("num_sites", [3, 5, 8])
@@ -76,7 +73,7 @@ def test_decrypted_aggregate_is_numpys_weighted_mean(key_dir: Path, site_key: Si
 def test_every_preset_holds_the_mean_of_eight_large_updates(tmp_path: Path, preset: str) -> None:
     """|a_k w_k| up to 10 at every site, 8 sites: still within 1e-6 of numpy's weighted mean."""
     init_key_files(tmp_path, preset)
-    key = load_site_context(tmp_path / "site.ctx")
+    key = load_site_context(tmp_path / wire.SITE_KEY_FILE)
     counts = [5 + 31 * k for k in range(8)]
     targets = [{name: np.clip(20 * t, -20, 20) for name, t in random_tensors(k).items()}
                for k in range(8)]
@@ -103,9 +100,8 @@ def test_uniform_weights_need_no_census(key_dir: Path, site_key: SiteKey) -> Non
 
 def truncate_first_ciphertext(content: RecordDict) -> None:
     record = content.array_records[wire.UPDATE]
-    blob = record["ct-00000"].numpy()
-    content[wire.UPDATE] = ArrayRecord({**dict(record.items()),
-                                        "ct-00000": type(record["ct-00000"])(blob[:-500])})
+    blobs = wire.record_to_ciphertexts(record)
+    content[wire.UPDATE] = wire.ciphertexts_to_record([blobs[0][:-500], *blobs[1:]])
 
 
 def encrypt_under(stranger: SiteKey) -> Callable[[RecordDict], None]:
@@ -121,66 +117,65 @@ def drop_layout_hash(content: RecordDict) -> None:
 
 
 def test_bad_replies_are_excluded_and_the_round_completes(
-        key_dir: Path, site_key: SiteKey, tmp_path: Path,
-        flwr_log: pytest.LogCaptureFixture) -> None:
+        key_dir: Path, site_key: SiteKey, tmp_path: Path) -> None:
     stranger = make_keys(tmp_path / "other-federation")
     good = [FakeSite(f"good{k}", site_key, 20 + k, random_tensors(k)) for k in range(2)]
     bad = [
-        FakeSite("stranger", site_key, 30, random_tensors(5), tamper=encrypt_under(stranger)),
-        FakeSite("truncated", site_key, 30, random_tensors(6), tamper=truncate_first_ciphertext),
+        FakeSite("stranger", site_key, 30, random_tensors(5),
+                 tamper=only("train", encrypt_under(stranger))),
+        FakeSite("truncated", site_key, 30, random_tensors(6),
+                 tamper=only("train", truncate_first_ciphertext)),
         FakeSite("reshaped", site_key, 30, random_tensors(7, width=2999)),
-        FakeSite("incomplete", site_key, 30, random_tensors(8), tamper=drop_layout_hash),
+        FakeSite("incomplete", site_key, 30, random_tensors(8),
+                 tamper=only("train", drop_layout_hash)),
     ]
     grid = FakeGrid(good + bad)
     strategy = strategy_for(key_dir, len(grid.sites))
     assert one_round(strategy, grid) is not None
-    text = flwr_log.text
-    assert "excluded node 103 (site stranger): encrypted under another federation's key" in text
-    assert "excluded node 104 (site truncated): ciphertext 0 does not deserialize" in text
-    assert "excluded node 105 (site reshaped): layout" in text
-    assert "excluded node 106 (site incomplete): missing field 'layout-hash'" in text
+    reasons = rejected(strategy)
+    assert reasons["stranger"].startswith("encrypted under another federation's key")
+    assert reasons["truncated"].startswith("ciphertext 0 does not deserialize")
+    assert reasons["reshaped"].startswith("layout")
+    assert reasons["incomplete"] == "missing field 'layout-hash'"
     got = decrypted_global(strategy, site_key, TensorLayout.of(good[0].target))
     expected = np.average([0.5 * s.target["body.weight"] for s in good], axis=0, weights=[20, 21])
     assert np.max(np.abs(got["body.weight"] - expected)) <= 1e-6
-    assert set(strategy.history["train"][1]) == {"good0", "good1"}
+    assert set(strategy.history.sites("train", 1)) == {"good0", "good1"}
 
 
 def test_census_leaves_out_a_site_of_another_federation(
-        key_dir: Path, site_key: SiteKey, tmp_path: Path,
-        flwr_log: pytest.LogCaptureFixture) -> None:
+        key_dir: Path, site_key: SiteKey, tmp_path: Path) -> None:
     sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(2)]
     sites.append(FakeSite("stranger", make_keys(tmp_path / "other"), 10, random_tensors(2)))
     grid = FakeGrid(sites)
     strategy = strategy_for(key_dir, 3)
     messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     assert sorted(m.metadata.dst_node_id for m in messages) == [101, 102]
-    assert "census: node 103 (site stranger) sits out this round: encrypted under another" \
-        in flwr_log.text
+    [rejection] = strategy.history.rejections
+    assert (rejection.kind, rejection.node_id) == ("census", 103)
+    assert rejection.reason.startswith("encrypted under another federation's key")
 
 
-def test_wrong_layout_loses_against_the_majority(key_dir: Path, site_key: SiteKey,
-                                                flwr_log: pytest.LogCaptureFixture) -> None:
+def test_wrong_layout_loses_against_the_majority(key_dir: Path, site_key: SiteKey) -> None:
     sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(3)]
     sites.append(FakeSite("odd", site_key, 10, random_tensors(9, width=5000)))
     strategy = strategy_for(key_dir, 4)
     one_round(strategy, FakeGrid(sites))
-    assert "excluded node 104 (site odd): layout" in flwr_log.text
-    assert "2514 slots differs from the federation's" in flwr_log.text  # two values a slot
-    assert strategy.current is not None and sum(strategy.current.chunk_sizes) == 1514
+    assert set(rejected(strategy)) == {"odd"}
+    assert set(strategy.history.sites("train", 1)) == {"h0", "h1", "h2"}
+    assert strategy.current is not None and len(strategy.current.chunk_sizes) == 1
 
 
-def test_too_few_valid_replies_keep_the_previous_global(
-        key_dir: Path, site_key: SiteKey, flwr_log: pytest.LogCaptureFixture) -> None:
+def test_too_few_valid_replies_keep_the_previous_global(key_dir: Path, site_key: SiteKey) -> None:
     sites = [FakeSite(f"h{k}", site_key, 10, random_tensors(k)) for k in range(3)]
     grid = FakeGrid(sites)
     strategy = strategy_for(key_dir, 3, min_replies=3)
     one_round(strategy, grid)
     before = strategy.current
-    sites[2].tamper = drop_layout_hash
-    sites[1].tamper = truncate_first_ciphertext
-    assert one_round(strategy, grid) is None
+    sites[2].tamper = only("train", drop_layout_hash)
+    sites[1].tamper = only("train", truncate_first_ciphertext)
+    assert one_round(strategy, grid, 2) is None
     assert strategy.current is before
-    assert "1 valid replies, 3 needed: keeping the previous global (round 1)" in flwr_log.text
 
 
 def run(key_dir: Path, sites: list[FakeSite], rounds: int, checkpoint: Path) -> EncryptedFedAvg:
@@ -216,9 +211,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(key_dir: Path, site_key
         # flip the last bit of a float32 tensor
         tolerance = max(1e-8, float(np.finfo(a[name].dtype).eps))
         assert np.max(np.abs(a[name].astype(np.float64) - b[name])) <= tolerance
-    assert sorted(resumed.history["train"]) == [1, 2, 3, 4]
-    assert sorted(resumed.history["evaluate"]) == [1, 2, 3, 4]
-    assert resumed.history["evaluate"][4].keys() == whole.history["evaluate"][4].keys()
+    assert sorted(resumed.history.records["train"]) == [1, 2, 3, 4]
+    assert sorted(resumed.history.records["evaluate"]) == [1, 2, 3, 4]
+    assert resumed.history.sites("evaluate", 4).keys() == whole.history.sites("evaluate", 4).keys()
+    assert resumed.history.sites("train", 1) == stopped.history.sites("train", 1)
 
 
 def test_checkpoint_of_another_federation_is_refused(key_dir: Path, site_key: SiteKey,

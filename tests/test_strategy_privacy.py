@@ -28,8 +28,8 @@ SITE_SIDE = {"fedhealth.core.crypto.keys", "fedhealth.core.crypto.codec", "fedhe
 
 def test_every_record_the_aggregator_receives_is_ciphertext_or_metadata(tmp_path: Path) -> None:
     init_key_files(tmp_path)
-    site_key: SiteKey = load_site_context(tmp_path / "site.ctx")
-    aggregator = load_aggregator_context(tmp_path / "aggregator.ctx")
+    site_key: SiteKey = load_site_context(tmp_path / wire.SITE_KEY_FILE)
+    aggregator = load_aggregator_context(tmp_path / wire.AGGREGATOR_KEY_FILE)
     secret_bytes = KeyFile.from_bytes(site_key.raw, "site").context_bytes
     sites = [FakeSite(f"h{k}", site_key, 10 + k, random_tensors(k)) for k in range(3)]
     grid = FakeGrid(sites)
@@ -40,14 +40,15 @@ def test_every_record_the_aggregator_receives_is_ciphertext_or_metadata(tmp_path
     # every tensor a site encrypted, as the bytes float32/float64 arrays would carry
     plaintexts = [np.asarray(t * w, dtype=dtype).tobytes()[:64]
                   for s in sites for sent in s.encrypted for t in sent.values()
-                  for w in (1.0, *strategy._weights.values()) for dtype in (np.float32, np.float64)]
+                  for w in (1.0, *strategy.census.weights(list(grid.sites)).values())
+                  for dtype in (np.float32, np.float64)]
     assert grid.received
     for message in grid.received:
         content = message.content
         for record in content.array_records.values():
             for name, array in record.items():
                 assert array.dtype == "uint8", f"{name} is {array.dtype}, not a ciphertext"
-                blob = array.numpy().tobytes()
+                blob = array.data
                 vector = ts.ckks_vector_from(aggregator.context, blob)  # parses as CKKS
                 with pytest.raises(ValueError, match="secret"):
                     vector.decrypt()  # and the aggregator's context cannot open it
@@ -55,7 +56,7 @@ def test_every_record_the_aggregator_receives_is_ciphertext_or_metadata(tmp_path
                 assert not any(p in blob for p in plaintexts)
                 assert not _is_secret_context(blob)
         for record in content.config_records.values():
-            assert all(isinstance(v, str | int | float | bool) for v in record.values())
+            assert all(isinstance(v, str | int | float | bool | bytes) for v in record.values())
         for record in content.metric_records.values():
             assert set(record) <= {wire.NUM_EXAMPLES, "loss", "distance"}
     kinds = {m.metadata.message_type for m in grid.received}
