@@ -23,6 +23,8 @@ COORDINATOR = "coordinator"
 CA_DIR = "ca"
 FEDERATION_FILE = "federation.toml"
 SITE_CONFIG_FILE = "site.toml"
+# Local port of a SuperNode's runtime API (site.toml [supernode] runtime-port, 127.0.0.1 only).
+DEFAULT_RUNTIME_PORT = 9094
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -174,5 +176,5 @@ node-private-key = "node.key"  # SuperNode authentication key (mode 0600)
 he-context = "site.ctx"        # the federation's secret CKKS context (mode 0600)
 
 [supernode]
-runtime-port = 9094        # local port of the SuperNode's runtime API (127.0.0.1 only)
+runtime-port = {DEFAULT_RUNTIME_PORT}        # local port of the SuperNode's runtime API (127.0.0.1 only)
 '''

@@ -86,6 +86,7 @@ def federation_start(
     """Run the SuperLink with TLS and SuperNode authentication, the sites' keys registered."""
     from fedhealth.app.deployment import launch, pki
     from fedhealth.app.deployment.bundles import BundleError, CoordinatorBundle
+    from fedhealth.app.flower_cli import FlowerError
 
     try:
         bundle = CoordinatorBundle.load(dir)
@@ -98,7 +99,7 @@ def federation_start(
         try:
             launch.wait_until_ready(bundle.superlink, bundle.ca_cert, ready_timeout, process)
             registered = launch.register_sites(bundle)
-        except launch.LaunchError as err:
+        except FlowerError as err:
             raise _fail(str(err), code=1) from None
         for site, node in registered.items():
             console.print(f"site {site}: {node}")
@@ -119,26 +120,29 @@ def federation_run(
     """Submit the app to the SuperLink (`flwr run`) and follow its rounds to the end."""
     from fedhealth.app.deployment import launch
     from fedhealth.app.deployment.bundles import BundleError, CoordinatorBundle
+    from fedhealth.app.flower_cli import COMPLETED, FlowerError, default_app_dir
+    from fedhealth.core.config import ConfigError
 
     try:
         bundle = CoordinatorBundle.load(dir)
-        run_id = launch.submit_run(bundle, app or launch.default_app_dir(), run_config or [])
-    except (BundleError, launch.LaunchError) as err:
+        run_id = launch.submit_run(bundle, app or default_app_dir(), run_config or [])
+    except (BundleError, ConfigError, FlowerError) as err:
         raise _fail(str(err)) from None
     console.print(f"run {run_id} submitted; results go to {bundle.results_dir}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("rounds"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"run {run_id}", total=None)
-        for line in launch.stream_log(bundle, run_id):
+        cli = launch.coordinator_cli(bundle)
+        for line in cli.stream_log(run_id):
             if match := launch.ROUND_LINE.search(line):
                 progress.update(task, completed=int(match[1]) - 1, total=int(match[2]))
             elif any(word in line.lower() for word in _NOTEWORTHY):
                 progress.console.print(line.rstrip())
-        status = launch.run_status(bundle, run_id)
-        if status == "finished:completed":
+        status = cli.status(run_id)
+        if status == COMPLETED:
             progress.update(task, completed=progress.tasks[0].total or 0)
-    if status != "finished:completed":
+    if status != COMPLETED:
         raise _fail(f"run {run_id} ended as '{status}'; see `flwr log {run_id}` with "
                     f"FLWR_HOME={bundle.root / 'flwr-home'}", code=1)
     console.print(f"[green]run {run_id} completed[/green]; results in {bundle.results_dir}")

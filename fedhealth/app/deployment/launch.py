@@ -6,60 +6,32 @@ authentication always on. The `flwr` CLI is pointed at the coordinator's SuperLi
 private FLWR_HOME inside the coordinator folder, so a user's own ~/.flwr is never touched.
 """
 
-import json
-import os
 import re
-import shutil
 import ssl
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from fedhealth.app.deployment.bundles import CoordinatorBundle, split_address
 from fedhealth.app.deployment.site_config import SiteConfig
+from fedhealth.app.flower_cli import (
+    FlowerError,
+    FlwrCli,
+    executable,
+    flower_env,
+    reply,
+    submitted_run_config,
+)
 
 CONNECTION = "fedhealth"
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
 
-class LaunchError(RuntimeError):
-    """A Flower process could not be started, reached, or told what to do."""
-
-
-def executable(name: str) -> str:
-    """A Flower executable from this Python's environment (falls back to PATH)."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise LaunchError(f"'{name}' not found: install fedhealth (it brings flwr) in this "
-                          "environment")
-    return found
-
-
-def flwr_home(bundle: CoordinatorBundle) -> Path:
-    """The coordinator's private FLWR_HOME, with a config.toml naming its SuperLink."""
-    home = bundle.root / "flwr-home"
-    home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{bundle.superlink}"\nroot-certificates = "{bundle.ca_cert}"\n')
-    return home
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for Flower processes: their FLWR_HOME, and this environment's executables
-    first on PATH (SuperLink and SuperNode spawn `flower-superexec` by name)."""
-    bin_dir = str(Path(executable("flower-superexec")).parent)
-    return {**os.environ, "FLWR_HOME": str(home),
-            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-
-
-def coordinator_env(bundle: CoordinatorBundle) -> dict[str, str]:
-    return flower_env(flwr_home(bundle))
+def coordinator_cli(bundle: CoordinatorBundle) -> FlwrCli:
+    """`flwr` against the coordinator's SuperLink, verified with the federation CA."""
+    return FlwrCli(bundle.root / "flwr-home", CONNECTION, bundle.superlink, bundle.ca_cert)
 
 
 def superlink_command(bundle: CoordinatorBundle, bind_host: str = "0.0.0.0") -> list[str]:
@@ -93,6 +65,11 @@ def supernode_command(config: SiteConfig, max_wait_seconds: float | None = None)
     return command
 
 
+def coordinator_env(bundle: CoordinatorBundle) -> dict[str, str]:
+    """Environment of the coordinator's Flower processes (the SuperLink, `flwr`)."""
+    return coordinator_cli(bundle).env()
+
+
 def site_env(config: SiteConfig) -> dict[str, str]:
     """The SuperNode keeps its Flower home (installed apps) in the site's state folder."""
     return flower_env(config.state_dir / "flwr-home")
@@ -105,7 +82,7 @@ def wait_until_ready(address: str, ca_cert: Path, timeout: float,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise LaunchError(f"the SuperLink exited with code {process.returncode} before "
+            raise FlowerError(f"the SuperLink exited with code {process.returncode} before "
                               "it was ready; see its log")
         try:
             if httpx.get(f"https://{address}/health", verify=context, timeout=2).is_success:
@@ -113,48 +90,25 @@ def wait_until_ready(address: str, ca_cert: Path, timeout: float,
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise LaunchError(f"the SuperLink at {address} did not answer within {timeout:.0f} s")
-
-
-def _flwr(bundle: CoordinatorBundle, *args: str) -> subprocess.Popen:
-    """Start a `flwr` subcommand against the coordinator's SuperLink, with JSON output."""
-    return subprocess.Popen([executable("flwr"), *args, "--format", "json"],
-                            env=coordinator_env(bundle), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _json_reply(process: subprocess.Popen, timeout: float = 120) -> dict:
-    """The JSON a `flwr ... --format json` process printed (the CLI may print text before it)."""
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise LaunchError(f"`{' '.join(process.args)}` did not finish in {timeout:.0f} s") from None
-    start = stdout.find("{")
-    try:
-        reply = json.loads(stdout[start:]) if start >= 0 else {}
-    except json.JSONDecodeError:
-        reply = {}
-    if not reply:
-        raise LaunchError(f"`{' '.join(process.args)}` failed: {stderr.strip() or stdout}")
-    return reply
+    raise FlowerError(f"the SuperLink at {address} did not answer within {timeout:.0f} s")
 
 
 def register_sites(bundle: CoordinatorBundle) -> dict[str, str]:
     """Register every site's public key with the SuperLink (in parallel); returns site -> node
     id or note. A key registered on an earlier start is kept (the state database remembers it).
     """
-    pending = {site: _flwr(bundle, "supernode", "register", str(bundle.node_public_key(site)),
-                           CONNECTION, "--name", site) for site in bundle.sites}
+    cli = coordinator_cli(bundle)
+    pending = {site: cli.start("supernode", "register", str(bundle.node_public_key(site)),
+                               CONNECTION, "--name", site) for site in bundle.sites}
     registered = {}
     for site, process in pending.items():
-        reply = _json_reply(process)
-        if reply.get("success"):
-            registered[site] = str(reply["node-id"])
-        elif "already in use" in str(reply.get("error-message", "")):
+        answer = reply(process)
+        if answer.get("success"):
+            registered[site] = str(answer["node-id"])
+        elif "already in use" in str(answer.get("error-message", "")):
             registered[site] = "already registered"
         else:
-            raise LaunchError(f"registering site '{site}' failed: {reply.get('error-message')}")
+            raise FlowerError(f"registering site '{site}' failed: {answer.get('error-message')}")
     return registered
 
 
@@ -166,41 +120,9 @@ def run_overrides(bundle: CoordinatorBundle, extra: list[str]) -> list[str]:
 
 
 def submit_run(bundle: CoordinatorBundle, app_dir: Path, overrides: list[str]) -> int:
-    """`flwr run APP` with the run config; returns the run id."""
+    """`flwr run APP` with the run config, checked first (a ConfigError names the field); the
+    run id."""
+    run_config = run_overrides(bundle, overrides)
+    submitted_run_config(app_dir, run_config)
     bundle.results_dir.mkdir(exist_ok=True)
-    args = ["run", str(app_dir), CONNECTION]
-    for override in run_overrides(bundle, overrides):
-        args += ["--run-config", override]
-    reply = _json_reply(_flwr(bundle, *args), timeout=300)
-    if not reply.get("success"):
-        raise LaunchError(f"the SuperLink refused the run: {reply.get('error-message')}")
-    return int(reply["run-id"])
-
-
-def run_status(bundle: CoordinatorBundle, run_id: int) -> str:
-    """Flower's status of a run: pending, starting, running, finished:completed|failed|..."""
-    reply = _json_reply(_flwr(bundle, "ls", CONNECTION, "--run-id", str(run_id)))
-    runs = reply.get("runs") or []
-    if not runs:
-        raise LaunchError(f"run {run_id} is unknown to the SuperLink")
-    return str(runs[0]["status"])
-
-
-def stream_log(bundle: CoordinatorBundle, run_id: int) -> Iterator[str]:
-    """Lines of the run's log (ServerApp side) as they arrive, until the run ends."""
-    with subprocess.Popen([executable("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-                          env=coordinator_env(bundle), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as process:
-        assert process.stdout is not None
-        try:
-            yield from process.stdout
-        finally:
-            process.terminate()
-
-
-def default_app_dir() -> Path:
-    """The fedhealth project folder (the Flower App `flwr run` bundles)."""
-    root = Path(__file__).resolve().parents[3]
-    if not (root / "pyproject.toml").is_file():
-        raise LaunchError("cannot find the fedhealth app folder (pyproject.toml); pass --app")
-    return root
+    return coordinator_cli(bundle).submit(app_dir, run_config)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedhealth.app.deployment import pki
-from fedhealth.app.deployment.bundles import BundleError, split_address
+from fedhealth.app.deployment.bundles import DEFAULT_RUNTIME_PORT, BundleError, split_address
 from fedhealth.core.crypto.keys import KeyFileError, load_site_context
 from sites.dataset import SiteDataError
 from sites.site_check import SiteReport, check_site
@@ -44,9 +44,11 @@ class SiteConfig:
         return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 
-def _field(table: dict[str, object], section: str, key: str, source: Path,
-           kind: type = str, required: bool = True) -> object:
-    value = table.get(section, {}).get(key) if isinstance(table.get(section), dict) else None
+def _value(table: dict[str, object], section: str, key: str, source: Path, kind: type,
+           required: bool) -> object:
+    """`[section] key` of site.toml if set and of type `kind`; None if unset and optional."""
+    values = table.get(section)
+    value = values.get(key) if isinstance(values, dict) else None
     if value is None or value == "":
         if required:
             raise SiteConfigError(f"{source}: [{section}] {key} is not set; fill it in "
@@ -68,29 +70,31 @@ def load_site_config(path: Path) -> SiteConfig:
         raise SiteConfigError(f"{path} is not valid TOML: {err}") from err
     base = path.resolve().parent
 
-    def path_of(section: str, key: str, required: bool = True) -> Path | None:
-        value = _field(table, section, key, path, required=required)
-        return (base / str(value)).resolve() if value is not None else None
+    def text(section: str, key: str) -> str:
+        return str(_value(table, section, key, path, str, required=True))
 
-    data_dir = path_of("site", "data-dir")
-    superlink = str(_field(table, "superlink", "address", path))
+    def file(section: str, key: str) -> Path:
+        return (base / text(section, key)).resolve()
+
+    labels = _value(table, "site", "labels", path, str, required=False)
+    superlink = text("superlink", "address")
     try:
         split_address(superlink)
     except BundleError as err:
         raise SiteConfigError(f"{path}: [superlink] address: {err}") from err
-    runtime_port = _field(table, "supernode", "runtime-port", path, kind=int, required=False)
+    runtime_port = _value(table, "supernode", "runtime-port", path, int, required=False)
     return SiteConfig(
         source=path.resolve(),
-        name=str(_field(table, "site", "name", path)),
-        data_dir=data_dir,  # type: ignore[arg-type]
-        labels=path_of("site", "labels", required=False),
-        state_dir=path_of("site", "state-dir"),  # type: ignore[arg-type]
-        audit_log=path_of("site", "audit-log"),  # type: ignore[arg-type]
+        name=text("site", "name"),
+        data_dir=file("site", "data-dir"),
+        labels=(base / str(labels)).resolve() if labels is not None else None,
+        state_dir=file("site", "state-dir"),
+        audit_log=file("site", "audit-log"),
         superlink=superlink,
-        ca_cert=path_of("superlink", "ca-cert"),  # type: ignore[arg-type]
-        node_private_key=path_of("keys", "node-private-key"),  # type: ignore[arg-type]
-        he_context=path_of("keys", "he-context"),  # type: ignore[arg-type]
-        runtime_port=9094 if runtime_port is None else int(runtime_port),  # type: ignore[arg-type]
+        ca_cert=file("superlink", "ca-cert"),
+        node_private_key=file("keys", "node-private-key"),
+        he_context=file("keys", "he-context"),
+        runtime_port=runtime_port if isinstance(runtime_port, int) else DEFAULT_RUNTIME_PORT,
     )
 
 
