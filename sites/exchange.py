@@ -1,11 +1,16 @@
 """How a site reads the aggregator's message and words its reply, encrypted or not.
 
-Encrypted runs speak `fedhealth.core.crypto.messages` (E(global) in, E(a_k * shared) out). Plaintext
-runs speak Flower FedAvg's format (`arrays` + `config` in, `arrays` + `metrics` out) so they can
-be compared with the same training code. Every reply names its site in `fh.crypto` (plaintext
-replies carry that record with the site name alone), never anything about patients.
+Encrypted runs speak `fedhealth.core.crypto.messages` (E(global) in, E(a_k * shared) out, each
+reply signed with the site's signing key). A global that fails its check values is refused: the
+site trains and evaluates from the last global it accepted (kept in its state folder under the
+training id; the run seed's model if there is none) and its reply says which round it refused,
+so the aggregator knows. Plaintext runs speak Flower FedAvg's format (`arrays` + `config` in,
+`arrays` + `metrics` out) so they can be compared with the same training code. Every reply names
+its site in `fh.crypto` (plaintext replies carry that record with the site name alone), never
+anything about patients.
 """
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,15 +22,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto import wire
-from fedhealth.core.crypto.keys import SiteKey, load_site_context
+from fedhealth.core.crypto.codec import IntegrityError
+from fedhealth.core.crypto.keys import SigningKey, SiteKey, load_site_context
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.messages import (
     Instruction,
+    build_census_reply,
     build_evaluate_reply,
     build_reply,
     metric_record,
+    read_census,
     read_instruction,
 )
+from sites.personal_store import ACCEPTED_GLOBAL, PersonalStore
+from sites.site_settings import SiteSettings
+
+logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 PLAIN_ARRAYS = wire.ARRAYS
@@ -59,16 +71,34 @@ def cached_site_key(path: Path) -> SiteKey:
     return load_site_context(path)
 
 
+@lru_cache(maxsize=16)
+def _cached_signing_key(path: Path, site: str) -> SigningKey:
+    return SigningKey.load(path, site)
+
+
+def signing_key(site: SiteSettings) -> SigningKey | None:
+    """The site's signing key, or None when it has none (an aggregator that checks signatures
+    then refuses its replies)."""
+    return _cached_signing_key(site.signing_key, site.name) if site.signing_key else None
+
+
 @dataclass
 class EncryptedExchange:
-    """CKKS messages: decrypt E(global)/s here, encrypt a_k * shared before it leaves."""
+    """CKKS messages: decrypt and check E(global)/s here, encrypt a_k * shared before it leaves."""
 
     key: SiteKey
     instruction: Instruction
+    signer: SigningKey | None
+    accepted: PersonalStore  # the last global this site accepted, for this training
+    refused_global: int = 0  # the round of a global refused in this exchange, 0 if none
 
     @classmethod
-    def read(cls, content: RecordDict, key_file: Path) -> "EncryptedExchange":
-        return cls(cached_site_key(key_file), read_instruction(content))
+    def read(cls, content: RecordDict, site: SiteSettings,
+             state: RecordDict | None) -> "EncryptedExchange":
+        instruction = read_instruction(content)
+        accepted = PersonalStore(state, site.state_dir, run_key=instruction.training_id,
+                                 site=site.name, kind=ACCEPTED_GLOBAL)
+        return cls(cached_site_key(site.key_file), instruction, signing_key(site), accepted)
 
     @property
     def server_round(self) -> int:
@@ -79,16 +109,27 @@ class EncryptedExchange:
         return self.instruction.training_id
 
     def global_shared(self, layout: TensorLayout) -> Arrays | None:
-        return self.instruction.global_tensors(self.key, layout)
+        """The checked global, or after a failed check the last one accepted (None: the seed's)."""
+        try:
+            tensors = self.instruction.global_tensors(self.key, layout)
+        except IntegrityError as exc:
+            self.refused_global = self.instruction.global_round
+            logger.error("round %d: refused the global of round %d, using the last accepted "
+                         "one: %s", self.server_round, self.refused_global, exc)
+            return self.accepted.load()
+        if tensors is not None:
+            self.accepted.save(tensors)
+        return tensors
 
     def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
                     site: str) -> RecordDict:
-        return build_reply(self.key, shared, self.instruction.site_weight, num_examples,
-                           metrics, site)
+        return build_reply(self.key, self.instruction, shared, num_examples, metrics, site,
+                           signer=self.signer, refused_global=self.refused_global)
 
     def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
                        site: str) -> RecordDict:
-        return build_evaluate_reply(self.key, num_examples, metrics, site)
+        return build_evaluate_reply(self.key, self.instruction, num_examples, metrics, site,
+                                    signer=self.signer, refused_global=self.refused_global)
 
 
 @dataclass
@@ -134,8 +175,15 @@ def read_run_config(content: RecordDict) -> RunConfig:
     return RunConfig.from_flower(content.config_records[PLAIN_CONFIG])
 
 
-def read_exchange(content: RecordDict, config: RunConfig, key_file: Path) -> Exchange:
-    """The exchange a message speaks, as its run config says."""
+def read_exchange(content: RecordDict, config: RunConfig, site: SiteSettings,
+                  state: RecordDict | None) -> Exchange:
+    """The exchange a message speaks, as its run config says; `state` is `Context.state`."""
     if config.encrypted:
-        return EncryptedExchange.read(content, key_file)
+        return EncryptedExchange.read(content, site, state)
     return PlaintextExchange(content)
+
+
+def census_reply(content: RecordDict, site: SiteSettings, num_examples: int) -> RecordDict:
+    """The signed answer to the aggregator's census (`messages.is_census(content)`)."""
+    return build_census_reply(cached_site_key(site.key_file), read_census(content),
+                              num_examples, site.name, signer=signing_key(site))

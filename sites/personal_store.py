@@ -1,8 +1,10 @@
-"""Where a site keeps its personal tensors between rounds: Context.state and its state directory.
+"""Where a site keeps tensors between rounds: Context.state and its state directory.
 
+Two kinds are kept: its personal tensors (`PERSONAL`), and the last global whose check values
+it verified (`ACCEPTED_GLOBAL`), which it falls back to when a later global fails its check.
 `Context.state` lives as long as the SuperNode process; the state directory survives a restart.
-Loading prefers the former and falls back to the latter. Each (site, run) has its own record and
-file, so two runs or two virtual sites sharing a directory never mix.
+Loading prefers the former and falls back to the latter. Each (kind, site, training) has its own
+record and file, so two runs or two virtual sites sharing a directory never mix.
 """
 
 import io
@@ -16,7 +18,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedhealth.core.atomic_file import write_atomically
 
-RECORD_PREFIX = "fedhealth.personal"
+PERSONAL = "personal"
+ACCEPTED_GLOBAL = "accepted-global"
 
 
 class PersonalStoreError(RuntimeError):
@@ -24,18 +27,18 @@ class PersonalStoreError(RuntimeError):
 
 
 class PersonalStore:
-    """Persist a site's personal tensors for one run.
+    """Persist one kind of a site's tensors for one training.
 
     state: the ClientApp's `context.state` (or None); state_dir: a folder on the site's disk, or
-    None / "" for none; run_key: what identifies the run (e.g. `str(context.run_id)`); site: the
-    site's name.
+    None / "" for none; run_key: what identifies the training (the aggregator's training id);
+    site: the site's name; kind: `PERSONAL` or `ACCEPTED_GLOBAL`.
     """
 
     def __init__(self, state: RecordDict | None, state_dir: str | Path | None, *,
-                 run_key: str, site: str) -> None:
+                 run_key: str, site: str, kind: str = PERSONAL) -> None:
         self.state = state
-        self.key = f"{RECORD_PREFIX}.{site}.{run_key}"
-        self.path = (Path(state_dir) / "personal" / _safe(site) / f"run-{_safe(run_key)}.npz"
+        self.key = f"fedhealth.{kind}.{site}.{run_key}"
+        self.path = (Path(state_dir) / kind / _safe(site) / f"run-{_safe(run_key)}.npz"
                      if state_dir else None)
 
     def load(self) -> dict[str, np.ndarray] | None:
@@ -48,10 +51,11 @@ class PersonalStore:
         try:
             with np.load(self.path, allow_pickle=False) as saved:
                 tensors = {name: saved[name] for name in saved.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as err:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise PersonalStoreError(
-                f"cannot read personal state {self.path}: {err}. Delete the file to restart this "
-                "site's personal layers from the global model") from err
+                f"cannot read stored tensors {self.path}: {err}. Delete the file to restart this "
+                "site's personal layers from the global model (or, for an accepted global, to "
+                "fall back to the run seed's model)") from err
         if self.state is not None:
             self.state[self.key] = _record(tensors)
         return tensors

@@ -1,20 +1,40 @@
 """The encrypted global model on disk: ciphertexts, s, round, layout and key fingerprint.
 
-Written atomically (temporary file, fsync, rename) after every round, so a crash leaves
-either the previous checkpoint or the new one, never half of one.
+Written atomically (temporary file, fsync, rename) after every round, so a crash leaves either
+the previous checkpoint or the new one, never half of one; a sha256 trailer over the whole file
+(`fedhealth.core.file_checksum`) catches what happens to it afterwards. Whatever is wrong with a
+checkpoint (truncated, garbage, a changed bit, a missing ciphertext, s of 0, a round that is not
+a number), loading raises one `CheckpointDamaged` naming the file and what to do, before any
+round runs from it.
 """
 
 import io
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from fedhealth.core.atomic_file import write_atomically
+from fedhealth.core.file_checksum import ChecksumError, verified_body, with_checksum
 
 CHECKPOINT_FILE = "encrypted_global.npz"
 HISTORY_FILE = "site_metrics.json"
+_META = "meta"
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint cannot be resumed from; the message names the file and what to do."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(
+            f"checkpoint {path} is damaged: {problem}. Restore it (and {HISTORY_FILE} beside it) "
+            "from a backup and resume again, or move the checkpoint folder away to start a new "
+            "run (its rounds are then lost; sites keep their personal layers)")
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -30,14 +50,19 @@ class EncryptedGlobal:
     training_id: str
 
 
+def _ciphertext_name(index: int) -> str:
+    return f"ct-{index:05d}"
+
+
 def save_checkpoint(directory: Path, state: EncryptedGlobal) -> Path:
-    """Write `state` to `directory` atomically."""
+    """Write `state` to `directory` atomically, with its checksum."""
     meta = {k: v for k, v in asdict(state).items() if k != "ciphertexts"}
-    arrays = {f"ct-{i:05d}": np.frombuffer(b, dtype=np.uint8)
+    arrays = {_ciphertext_name(i): np.frombuffer(b, dtype=np.uint8)
               for i, b in enumerate(state.ciphertexts)}
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-    return write_atomically(directory / CHECKPOINT_FILE, buffer.getbuffer())
+    np.savez(buffer, **{_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)},
+             **arrays)
+    return write_atomically(directory / CHECKPOINT_FILE, with_checksum(buffer.getvalue()))
 
 
 def save_history(directory: Path, history: dict[str, object]) -> Path:
@@ -51,14 +76,73 @@ def load_checkpoint(directory: Path) -> tuple[EncryptedGlobal, dict[str, object]
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes())
-            blobs = [data[f"ct-{i:05d}"].tobytes() for i in range(len(data.files) - 1)]
-        meta["chunk_sizes"] = tuple(meta["chunk_sizes"])
-        state = EncryptedGlobal(ciphertexts=blobs, **meta)
-        history_path = directory / HISTORY_FILE
-        history = json.loads(history_path.read_text()) if history_path.exists() else {}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"checkpoint {path} is damaged ({exc}); move it away to start "
-                         "a new run") from None
-    return state, history
+        body = verified_body(path.read_bytes(), str(path))
+    except ChecksumError as exc:
+        raise CheckpointDamaged(path, str(exc).removeprefix(f"{path} ")) from None
+    except OSError as exc:
+        raise CheckpointDamaged(path, f"it cannot be read ({exc.strerror})") from None
+    meta, blobs = _read_archive(path, body)
+    state = _checked_state(path, meta, blobs)
+    return state, _read_history(directory / HISTORY_FILE, path)
+
+
+def _read_archive(path: Path, body: bytes) -> tuple[object, list[bytes]]:
+    """The metadata and the ciphertexts `ct-00000` .. in order, all present, none empty."""
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as data:
+            names = set(data.files)
+            count = len(names) - 1
+            expected = {_META, *(_ciphertext_name(i) for i in range(count))}
+            if names != expected or count < 1:
+                missing = sorted(expected - names) or ["ct-00000"]
+                raise CheckpointDamaged(path, f"it lacks {', '.join(missing[:3])} (holds "
+                                              f"{', '.join(sorted(names)[:4])})")
+            meta = json.loads(data[_META].tobytes())
+            arrays = [data[_ciphertext_name(i)] for i in range(count)]
+    except CheckpointDamaged:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise CheckpointDamaged(path, f"it is not a readable archive ({exc})") from None
+    for i, array in enumerate(arrays):
+        if array.dtype != np.uint8 or array.ndim != 1 or array.size == 0:
+            raise CheckpointDamaged(path, f"{_ciphertext_name(i)} is not a non-empty byte array")
+    return meta, [array.tobytes() for array in arrays]
+
+
+def _checked_state(path: Path, meta: object, blobs: list[bytes]) -> EncryptedGlobal:
+    """Every field present and of its type and range, or CheckpointDamaged naming it."""
+    wanted = {f.name for f in fields(EncryptedGlobal)} - {"ciphertexts"}
+    if not isinstance(meta, dict) or set(meta) != wanted:
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointDamaged(path, f"its metadata holds {keys}, expected {sorted(wanted)}")
+    server_round, weight_sum = meta["server_round"], meta["weight_sum"]
+    if type(server_round) is not int or server_round < 1:
+        raise CheckpointDamaged(path, f"server_round is {server_round!r}, not a round number")
+    if (type(weight_sum) not in (int, float) or not math.isfinite(weight_sum)
+            or weight_sum <= 0):
+        raise CheckpointDamaged(path, f"weight_sum is {weight_sum!r}: s must be finite and > 0")
+    sizes = meta["chunk_sizes"]
+    if (not isinstance(sizes, list) or len(sizes) != len(blobs)
+            or any(type(n) is not int or n < 1 for n in sizes)):
+        raise CheckpointDamaged(path, f"chunk_sizes {str(sizes)[:60]} does not describe its "
+                                      f"{len(blobs)} ciphertexts")
+    for name in ("layout_hash", "key_fingerprint", "training_id"):
+        if not isinstance(meta[name], str) or not meta[name]:
+            raise CheckpointDamaged(path, f"{name} is {meta[name]!r}, not a non-empty string")
+    return EncryptedGlobal(server_round=server_round, ciphertexts=blobs,
+                           weight_sum=float(weight_sum), layout_hash=meta["layout_hash"],
+                           chunk_sizes=tuple(sizes), key_fingerprint=meta["key_fingerprint"],
+                           training_id=meta["training_id"])
+
+
+def _read_history(history_path: Path, checkpoint: Path) -> dict[str, object]:
+    if not history_path.exists():
+        return {}
+    try:
+        history = json.loads(history_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(checkpoint, f"{history_path.name} beside it is not readable "
+                                            f"JSON ({exc})") from None
+    if not isinstance(history, dict):
+        raise CheckpointDamaged(checkpoint, f"{history_path.name} beside it is not a JSON object")
+    return history

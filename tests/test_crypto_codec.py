@@ -17,7 +17,7 @@ from fedhealth.core.crypto.keys import (
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.messages import InstructionError, build_reply, read_instruction
 from fedhealth.core.crypto.presets import PRESETS, HeadroomError
-from strategies.reply_check import parse_ciphertexts
+from strategies.ciphertext_sum import parse_ciphertexts
 
 
 def tensors(seed: int = 0) -> dict[str, np.ndarray]:
@@ -75,7 +75,7 @@ def test_record_carries_ciphertext_bytes_exactly() -> None:
     record = wire.ciphertexts_to_record(blobs)
     assert wire.record_to_ciphertexts(record) == blobs
     record["ct-00001"] = Array(np.zeros(3, dtype=np.float32))
-    with pytest.raises(ValueError, match="ct-00001 must be a non-empty 1-D uint8"):
+    with pytest.raises(ValueError, match="ct-00001 must be a non-empty .fedhealth.ckks. uint8"):
         wire.record_to_ciphertexts(record)
     record["ct-00003"] = record.pop("ct-00001")
     with pytest.raises(ValueError, match="without gaps"):
@@ -96,10 +96,18 @@ def test_headroom_refuses_values_that_could_overflow(site_key: SiteKey) -> None:
         encrypt_update(site_key, {"w": np.array([1e7])}, 0.5)
 
 
+def _crypto(site_key: SiteKey, **fields: object) -> ConfigRecord:
+    record = {wire.SERVER_ROUND: 1, wire.WEIGHT_SUM: 0.0, wire.SITE_WEIGHT: 0.5,
+              wire.LAYOUT_HASH: "", wire.FINGERPRINT: site_key.fingerprint,
+              wire.TRAINING_ID: "t1", wire.NONCE: "n1", wire.GLOBAL_ROUND: 0}
+    return ConfigRecord({**record, **fields})
+
+
 def test_reply_and_instruction_records(site_key: SiteKey) -> None:
     t = tensors()
     layout = TensorLayout.of(t)
-    reply = build_reply(site_key, t, 0.5, 12, {"loss": 0.3}, "hospital-a")
+    round_one = read_instruction(RecordDict({wire.CRYPTO: _crypto(site_key)}))
+    reply = build_reply(site_key, round_one, t, 12, {"loss": 0.3}, "hospital-a")
     crypto = reply.config_records[wire.CRYPTO]
     assert crypto[wire.LAYOUT_HASH] == layout.hash
     assert crypto[wire.FINGERPRINT] == site_key.fingerprint
@@ -107,10 +115,9 @@ def test_reply_and_instruction_records(site_key: SiteKey) -> None:
 
     content = RecordDict({
         wire.GLOBAL: reply.array_records[wire.UPDATE],
-        wire.CRYPTO: ConfigRecord({wire.SERVER_ROUND: 2, wire.WEIGHT_SUM: 0.5,
-                                   wire.SITE_WEIGHT: 0.2, wire.LAYOUT_HASH: layout.hash,
-                                   wire.FINGERPRINT: site_key.fingerprint,
-                                   wire.TRAINING_ID: "t1"}),
+        wire.CRYPTO: _crypto(site_key, **{wire.SERVER_ROUND: 2, wire.WEIGHT_SUM: 0.5,
+                                          wire.SITE_WEIGHT: 0.2, wire.LAYOUT_HASH: layout.hash,
+                                          wire.GLOBAL_ROUND: 1}),
         wire.CONFIG: ConfigRecord({"local-epochs": 1}),
     })
     instruction = read_instruction(content)
@@ -126,7 +133,5 @@ def test_reply_and_instruction_records(site_key: SiteKey) -> None:
 
 
 def test_first_round_has_no_global(site_key: SiteKey) -> None:
-    content = RecordDict({wire.CRYPTO: ConfigRecord({
-        wire.SERVER_ROUND: 1, wire.WEIGHT_SUM: 0.0, wire.SITE_WEIGHT: 1.0,
-        wire.LAYOUT_HASH: "", wire.FINGERPRINT: site_key.fingerprint, wire.TRAINING_ID: "t1"})})
+    content = RecordDict({wire.CRYPTO: _crypto(site_key)})
     assert read_instruction(content).global_tensors(site_key, TensorLayout.of(tensors())) is None

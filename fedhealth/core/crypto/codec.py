@@ -1,10 +1,23 @@
-"""Site-side CKKS codec: tensors -> E(a_k w_k) ciphertexts, and E(global) -> tensors.
+"""Site-side CKKS codec: tensors -> E(a_k w_k) ciphertexts, and E(global) -> checked tensors.
 
 Sites multiply by their weight a_k in plaintext before encrypting, so the aggregator only
 adds ciphertexts and never needs a multiplication level.
+
+Check values. The aggregator cannot read what it sums, so the sum itself must show whether it
+is what the protocol promises. The last `CHECK_VALUES` values of every ciphertext are constants
+c derived from (training id, round, ciphertext index) that every site knows; a site encrypts
+a_k * c there like any other value. The honest sum then decrypts to s * c in those slots, with
+s = sum a_k, which the aggregator states. After decrypting, a site compares: a ciphertext made
+under another secret key decrypts to noise of huge magnitude, a changed bit shifts every slot of
+its ciphertext by the same amount, a site that multiplied by another weight moves s, and a
+ciphertext made for another round or position carries other constants. Each fails the check.
+What it cannot catch: a site that knows the protocol can encrypt correct check values beside
+poisoned data (CKKS is malleable; these are not a MAC), and perturbations below the tolerance.
 """
 
+import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
@@ -13,8 +26,89 @@ from flwr.app import ArrayRecord
 
 from fedhealth.core.crypto.keys import SiteKey
 from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.presets import CkksPreset
 from fedhealth.core.crypto.seal_bytes import SealSink, vector_bytes
 from fedhealth.core.crypto.wire import chunk_sizes, ciphertexts_to_record, record_to_ciphertexts
+
+CHECK_VALUES = 4
+"""Values reserved at the end of every ciphertext (0.1% of `default`'s 4096)."""
+CHECK_TOLERANCE = 1e-6
+"""Largest |decrypted - s * c| accepted. CKKS noise at scale 2^40 is ~1e-9 per value and grows
+with the square root of the number of sites; a bit flip that moves values by less than this is
+not detected, and moves every value of its ciphertext by less than this."""
+
+
+class IntegrityError(ValueError):
+    """A decrypted global fails its check values: it is not the sum of this round's updates."""
+
+
+@dataclass(frozen=True)
+class RoundBinding:
+    """The training and round an update answers: its check values derive from these."""
+
+    training_id: str
+    server_round: int
+
+
+UNBOUND = RoundBinding("", 0)
+"""For measuring and testing the codec outside a federation run."""
+
+
+def check_values(binding: RoundBinding, ciphertexts: int) -> np.ndarray:
+    """The constants c, shape (ciphertexts, CHECK_VALUES): |c| in [0.5, 1), signs mixed."""
+    rows = []
+    for index in range(ciphertexts):
+        digest = hashlib.sha256(f"fedhealth-check/1|{binding.training_id}|"
+                                f"{binding.server_round}|{index}".encode()).digest()
+        fraction = np.frombuffer(digest[:4 * CHECK_VALUES], dtype=">u4") / 2.0**32
+        signs = np.where(np.unpackbits(np.frombuffer(digest[-1:], np.uint8))[:CHECK_VALUES], -1, 1)
+        rows.append(signs * (0.5 + 0.5 * fraction))
+    return np.array(rows, dtype=np.float64).reshape(ciphertexts, CHECK_VALUES)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where data and check values sit in the ciphertexts of a `size`-value vector."""
+
+    size: int
+    per_ciphertext: int
+
+    @property
+    def data_per_ciphertext(self) -> int:
+        return self.per_ciphertext - CHECK_VALUES
+
+    @property
+    def ciphertexts(self) -> int:
+        """At least one, so even an empty layout carries check values."""
+        return max(1, -(-self.size // self.data_per_ciphertext))
+
+    @property
+    def payload_size(self) -> int:
+        return self.size + self.ciphertexts * CHECK_VALUES
+
+    def join(self, vector: np.ndarray, checks: np.ndarray) -> np.ndarray:
+        """Data chunk i followed by its check values, for every i."""
+        step = self.data_per_ciphertext
+        parts = []
+        for i in range(self.ciphertexts):
+            parts += [vector[i * step:(i + 1) * step], checks[i]]
+        return np.concatenate(parts)
+
+    def split(self, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The inverse of `join`: (data vector, check values per ciphertext)."""
+        step, per = self.data_per_ciphertext, self.per_ciphertext
+        data, checks = [], []
+        for i in range(self.ciphertexts):
+            chunk = payload[i * per:(i + 1) * per]
+            data.append(chunk[:-CHECK_VALUES])
+            checks.append(chunk[-CHECK_VALUES:])
+        vector = np.concatenate(data) if data else np.zeros(0)
+        assert len(vector) == self.size and all(len(d) <= step for d in data)
+        return vector, np.array(checks).reshape(self.ciphertexts, CHECK_VALUES)
+
+    @classmethod
+    def of(cls, size: int, preset: CkksPreset) -> "Packing":
+        return cls(size, preset.values_per_ciphertext)
 
 
 def encrypt_vector(key: SiteKey, vector: np.ndarray) -> list[bytes]:
@@ -81,22 +175,51 @@ def _to_slots(vector: np.ndarray, complex_slots: bool) -> np.ndarray:
 
 
 def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: float,
-                   *, weight_sum_bound: float = 1.0) -> ArrayRecord:
-    """E(weight * tensors) as an ArrayRecord of uint8 ciphertexts.
+                   *, binding: RoundBinding = UNBOUND, weight_sum_bound: float = 1.0
+                   ) -> ArrayRecord:
+    """E(weight * (tensors + check values of `binding`)) as an ArrayRecord of ciphertexts.
 
     `weight_sum_bound` bounds s = sum of all sites' weights (1 for the strategy's normalised
     a_k); the headroom check refuses values whose encrypted sum could overflow.
     """
     vector = TensorLayout.of(tensors).flatten(tensors)
-    largest = float(np.max(np.abs(vector), initial=0.0))
+    largest = float(np.max(np.abs(vector), initial=1.0))
     key.preset.check_headroom(largest * max(weight_sum_bound, weight))
-    return ciphertexts_to_record(encrypt_vector(key, vector * weight))
+    packing = Packing.of(len(vector), key.preset)
+    payload = packing.join(vector, check_values(binding, packing.ciphertexts))
+    return ciphertexts_to_record(encrypt_vector(key, payload * weight))
 
 
-def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout,
-                   weight_sum: float) -> dict[str, np.ndarray]:
-    """Decrypt E(sum a_k w_k) and divide by s = sum a_k: the weighted mean, as named tensors."""
+def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weight_sum: float,
+                   *, binding: RoundBinding = UNBOUND) -> dict[str, np.ndarray]:
+    """Decrypt E(sum a_k w_k), verify its check values, divide by s = sum a_k: the weighted
+    mean, as named tensors. `binding` names the round whose replies were summed.
+
+    Raises IntegrityError when any ciphertext's check values differ from s * c.
+    """
     if not weight_sum > 0:
         raise ValueError(f"weight sum s must be positive, got {weight_sum}")
-    vector = decrypt_vector(key, record_to_ciphertexts(record), layout.size)
+    packing = Packing.of(layout.size, key.preset)
+    payload = decrypt_vector(key, record_to_ciphertexts(record), packing.payload_size)
+    vector, found = packing.split(payload)
+    verify_checks(found, binding, weight_sum)
     return layout.unflatten(vector / weight_sum)
+
+
+def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -> None:
+    """Every decrypted check value within CHECK_TOLERANCE of s * c, or IntegrityError."""
+    constants = check_values(binding, len(found))
+    deviation = np.abs(found - weight_sum * constants)
+    bad = ~(deviation <= CHECK_TOLERANCE)  # NaN counts as bad
+    if not bad.any():
+        return
+    failed = np.flatnonzero(bad.any(axis=1))
+    implied = np.median(found[failed] / constants[failed])
+    raise IntegrityError(
+        f"the global of round {binding.server_round} fails its check values in {len(failed)} of "
+        f"{len(found)} ciphertexts (first: ct-{failed[0]:05d}; largest deviation "
+        f"{np.nanmax(np.where(np.isfinite(deviation), deviation, np.inf)):.3g}, tolerance "
+        f"{CHECK_TOLERANCE:g}; they imply s = {implied:.6g}, the aggregator states "
+        f"{weight_sum:.6g}): an update made under another secret key, damaged ciphertexts, a "
+        "site that multiplied by another weight, or an update made for another round or "
+        "position entered the sum")
