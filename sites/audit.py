@@ -3,6 +3,8 @@
 Size and hash come from Flower's own content addressing: a RecordDict's `object_id` is the
 sha256 Merkle root of its deflated object tree, the same id the SuperLink stores it under, so
 an auditor can match a line to what the coordinator received without seeing a single value.
+An error reply has no content: its line holds the error's code and its whole text, which is
+only a category and a reference (sites.failure).
 """
 
 import json
@@ -10,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import RecordDict
+from flwr.app import Error, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 
@@ -38,6 +40,17 @@ class AuditLog:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": int(run_id),
                  "round": int(server_round), "kind": kind, "bytes": size, "sha256": digest,
                  "records": records}
+        return self._append(entry)
+
+    def record_error(self, run_id: int, server_round: int | None, kind: str, error: Error) -> dict:
+        """Log one outgoing error reply (`round` is null when the instruction was unreadable)."""
+        reason = error.reason or ""
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": int(run_id),
+                 "round": server_round, "kind": kind, "bytes": len(reason.encode()),
+                 "error": {"code": int(error.code), "reason": reason}}
+        return self._append(entry)
+
+    def _append(self, entry: dict) -> dict:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)

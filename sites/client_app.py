@@ -5,24 +5,31 @@ train:    global model in (decrypted here and nowhere else) + personal layers fr
           -> E(a_k * shared) out.
 evaluate: the same model scored on the site's held-out test split; plaintext metrics out.
 query:    the aggregator's census of training sample counts (for a_k = n_k / sum n).
-Every reply is written to the site's audit log before it leaves.
+Every reply is written to the site's audit log before it leaves. A call that fails replies
+Flower's error message with only a category and a reference (sites.failure), audited too;
+metrics and counts leave as the site's disclosure settings allow (sites.disclosure).
 """
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.layout import TensorLayout
-from fedhealth.core.crypto.messages import build_census_reply, is_census
+from fedhealth.core.crypto.messages import is_census
 from fedhealth.core.models import build_model, model_spec
 from fedhealth.core.personalization import get_policy
 from sites.audit import AuditLog
+from sites.data_limits import DataLimits
 from sites.dataset import SiteSplits, load_site
-from sites.exchange import Exchange, cached_site_key, read_exchange, read_run_config
+from sites.exchange import Exchange, census_reply, read_exchange, read_run_config
+from sites.failure import record_failure
 from sites.personal_store import PersonalStore
 from sites.site_settings import SiteSettings, resolve_site
 from sites.training import TrainSettings, evaluate_site, local_round
@@ -32,15 +39,15 @@ app = ClientApp()
 
 @lru_cache(maxsize=8)
 def _site_data(data_dir: Path, labels: Path | None, image_size: int, seed: int,
-               cache_dir: Path, task: str) -> SiteSplits:
+               cache_dir: Path, task: str, limits: DataLimits) -> SiteSplits:
     return load_site(data_dir, labels=labels, image_size=image_size, seed=seed,
-                     cache_dir=cache_dir, task=task)
+                     cache_dir=cache_dir, task=task, limits=limits)
 
 
 def site_data(site: SiteSettings, config: RunConfig) -> SiteSplits:
     """Index and decode a site's DICOM once per process; decoded tensors also persist on disk."""
     return _site_data(site.data_dir, site.labels, config.image_size, config.seed,
-                      site.state_dir / "cache", model_spec(config.model).task)
+                      site.state_dir / "cache", model_spec(config.model).task, site.limits)
 
 
 @lru_cache(maxsize=8)
@@ -55,10 +62,12 @@ def shared_layout(model: str, policy: str, num_classes: int, image_size: int) ->
 class SiteRound:
     """One message's work at this site: where things are, and the model it starts from."""
 
-    def __init__(self, message: Message, context: Context) -> None:
-        self.config = read_run_config(message.content)
-        self.site: SiteSettings = resolve_site(context.node_config, self.config)
-        self.exchange: Exchange = read_exchange(message.content, self.config, self.site.key_file)
+    def __init__(self, message: Message, context: Context, config: RunConfig,
+                 site: SiteSettings) -> None:
+        self.config = config
+        self.site = site
+        self.exchange: Exchange = read_exchange(message.content, self.config, self.site,
+                                                context.state)
         self.policy = get_policy(self.config.policy)
         self.splits = site_data(self.site, self.config)
         self.store = PersonalStore(context.state, self.site.state_dir,
@@ -72,45 +81,88 @@ class SiteRound:
             self.config.model, self.config.policy, self.splits.num_classes,
             self.config.image_size))
 
-    def reply(self, message: Message, kind: str, content: RecordDict) -> Message:
-        """Audit, then send."""
-        AuditLog(self.site.audit_log).record(self.run_id, self.exchange.server_round, kind, content)
-        return Message(content, reply_to=message)
+# One call's answer: (server round, reply content), from the message, the run config and the site.
+Answer = Callable[[Message, Context, RunConfig, SiteSettings], tuple[int, RecordDict]]
+
+
+def replying(kind: str, message: Message, context: Context, answer: Answer) -> Message:
+    """Run `answer`; audit and send its reply, or, if anything fails, an error reply that names
+    only a category and a reference (the detail goes to the site's error log), audited too."""
+    site: SiteSettings | None = None
+    server_round = declared_round(message)
+    try:
+        config = read_run_config(message.content)
+        site = resolve_site(context.node_config, config)
+        server_round, content = answer(message, context, config, site)
+    except Exception as err:  # whatever failed, the aggregator gets a clean, path-free error
+        failure = record_failure(err, site.error_log if site else None, kind=kind,
+                                 run_id=context.run_id, server_round=server_round)
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure.reason)
+        if site is not None:
+            AuditLog(site.audit_log).record_error(context.run_id, server_round, kind, error)
+        return Message(error, reply_to=message)
+    AuditLog(site.audit_log).record(context.run_id, server_round, kind, content)
+    return Message(content, reply_to=message)
+
+
+def declared_round(message: Message) -> int | None:
+    """The round an instruction says it is for, read without trusting it (None if it says none):
+    what an error reply's audit line is filed under when the call fails before reading it."""
+    if not message.has_content():
+        return None
+    for name in (wire.CRYPTO, wire.CONFIG):
+        record = message.content.config_records.get(name)
+        value = record.get(wire.SERVER_ROUND) if record is not None else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _train(message: Message, context: Context, config: RunConfig,
+           site: SiteSettings) -> tuple[int, RecordDict]:
+    work = SiteRound(message, context, config, site)
+    output = local_round(work.policy, work.config.model, global_shared=work.global_shared(),
+                         personal=work.store.load(), splits=work.splits, settings=work.settings,
+                         seed=work.config.seed, server_round=work.exchange.server_round)
+    work.store.save(output.personal)
+    shown = site.disclosure
+    return work.exchange.server_round, work.exchange.train_reply(
+        output.shared, shown.count(output.num_examples), shown.metrics(output.metrics), site.name)
+
+
+def _evaluate(message: Message, context: Context, config: RunConfig,
+              site: SiteSettings) -> tuple[int, RecordDict]:
+    work = SiteRound(message, context, config, site)
+    metrics = evaluate_site(work.policy, work.config.model, global_shared=work.global_shared(),
+                            personal=work.store.load(), splits=work.splits,
+                            settings=work.settings, seed=work.config.seed)
+    num_examples = int(metrics.pop("num-examples"))
+    shown = site.disclosure
+    return work.exchange.server_round, work.exchange.evaluate_reply(
+        shown.count(num_examples), shown.metrics(metrics), site.name)
+
+
+def _census(message: Message, context: Context, config: RunConfig,
+            site: SiteSettings) -> tuple[int, RecordDict]:
+    if not is_census(message.content):
+        raise ValueError("unknown query: this site answers only the fedhealth census")
+    count = site.disclosure.count(len(site_data(site, config).train))
+    return 0, census_reply(message.content, site, count)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One local round; only the shared tensors leave, encrypted in encrypted runs."""
-    work = SiteRound(message, context)
-    output = local_round(work.policy, work.config.model, global_shared=work.global_shared(),
-                         personal=work.store.load(), splits=work.splits, settings=work.settings,
-                         seed=work.config.seed, server_round=work.exchange.server_round)
-    work.store.save(output.personal)
-    content = work.exchange.train_reply(output.shared, output.num_examples, output.metrics,
-                                        work.site.name)
-    return work.reply(message, "train", content)
+    return replying("train", message, context, _train)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Score global + personal on the site's own test split; reply metrics only."""
-    work = SiteRound(message, context)
-    metrics = evaluate_site(work.policy, work.config.model, global_shared=work.global_shared(),
-                            personal=work.store.load(), splits=work.splits,
-                            settings=work.settings, seed=work.config.seed)
-    num_examples = int(metrics.pop("num-examples"))
-    content = work.exchange.evaluate_reply(num_examples, metrics, work.site.name)
-    return work.reply(message, "evaluate", content)
+    return replying("evaluate", message, context, _evaluate)
 
 
 @app.query()
 def census(message: Message, context: Context) -> Message:
     """Answer the aggregator's census with this site's training sample count."""
-    if not is_census(message.content):
-        raise ValueError("unknown query: this site answers only the fedhealth census")
-    config = read_run_config(message.content)
-    site = resolve_site(context.node_config, config)
-    splits = site_data(site, config)
-    content = build_census_reply(cached_site_key(site.key_file), len(splits.train), site.name)
-    AuditLog(site.audit_log).record(context.run_id, 0, "query", content)
-    return Message(content, reply_to=message)
+    return replying("query", message, context, _census)

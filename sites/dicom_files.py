@@ -315,7 +315,7 @@ def unsupported_pixels(ds: pydicom.Dataset, max_image_bytes: int) -> str | None:
     if size > max_image_bytes:
         return (f"declared image size {ds.Rows} x {ds.Columns} x {ds.get('NumberOfFrames', 1)} "
                 f"frames x {ds.get('SamplesPerPixel', 1)} samples x {ds.BitsAllocated} bits = "
-                f"{size / MB:,.1f} MB exceeds the site's limit of {max_image_bytes / MB:,.1f} MB: "
+                f"{_mb(size)} MB exceeds the site's limit of {_mb(max_image_bytes)} MB: "
                 "not decoded (raise max-image-mb in the site settings if the image is real)")
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
@@ -334,6 +334,11 @@ def unsupported_pixels(ds: pydicom.Dataset, max_image_bytes: int) -> str | None:
     if frames > 1:
         return f"multi-frame image ({frames} frames): sites train on single 2D images"
     return None
+
+
+def _mb(size: int) -> str:
+    megabytes = size / MB
+    return f"{megabytes:,.1f}" if megabytes >= 1 else f"{megabytes:.3g}"
 
 
 def _other_decoders(ds: pydicom.Dataset) -> str:

@@ -3,15 +3,25 @@
 A deployed SuperNode names everything in its node config (`fedhealth site start` writes it
 from site.toml). In the simulation engine a virtual node only has a `partition-id`: it then
 plays the hospital folder of that rank under the run's `data-dir`, with the run's key folder.
+
+Optional node config keys, the site's own limits (defaults in brackets; see sites/README.md):
+`max-image-mb` [200] largest image decoded, as its header declares it; `num-classes` [2];
+`metric-decimals` [full precision], `withhold-metrics` [none, comma-separated names] and
+`count-step` [1] limit what metrics and counts reveal.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto.signing import private_key_path
+from sites.data_limits import DataLimits, DataLimitsError
+from sites.disclosure import DisclosureError, MetricDisclosure
 
 SITE_KEY_FILE = "site.ctx"
+# The site's own log of failures: the detail behind the reference an error reply carries.
+ERROR_LOG_FILE = "errors.jsonl"
 
 
 class SiteSettingsError(ValueError):
@@ -28,6 +38,13 @@ class SiteSettings:
     key_file: Path
     state_dir: Path
     audit_log: Path
+    limits: DataLimits = field(default_factory=DataLimits)
+    disclosure: MetricDisclosure = field(default_factory=MetricDisclosure)
+    signing_key: Path | None = None  # signs every reply (deployed: node.key); None: unsigned
+
+    @property
+    def error_log(self) -> Path:
+        return self.state_dir / ERROR_LOG_FILE
 
 
 def resolve_site(node_config: Mapping[str, object], config: RunConfig) -> SiteSettings:
@@ -55,9 +72,48 @@ def _deployed_site(node_config: Mapping[str, object]) -> SiteSettings:
         data_dir=data_dir,
         labels=Path(str(labels)) if labels else None,
         key_file=required("key-file"),
+        signing_key=Path(str(node_config["node-key"])) if node_config.get("node-key") else None,
         state_dir=state_dir,
         audit_log=Path(str(node_config.get("audit-log", state_dir / "audit.jsonl"))),
+        limits=_limits(node_config),
+        disclosure=_disclosure(node_config),
     )
+
+
+def _number(node_config: Mapping[str, object], key: str, kind: type[int] | type[float]) -> object:
+    """An optional number from the node config (None when absent), or SiteSettingsError."""
+    value = node_config.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        number = kind(value)  # type: ignore[arg-type]
+        if isinstance(value, bool) or (kind is int and number != float(value)):  # type: ignore[arg-type]
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SiteSettingsError(f"node config '{key}' must be {'an integer' if kind is int else 'a number'}, "
+                                f"got {value!r}; check site.toml") from None
+    return number
+
+
+def _limits(node_config: Mapping[str, object]) -> DataLimits:
+    values = {name: _number(node_config, key, kind) for name, key, kind in (
+        ("max_image_mb", "max-image-mb", float), ("num_classes", "num-classes", int))}
+    try:
+        return DataLimits(**{k: v for k, v in values.items() if v is not None})  # type: ignore[arg-type]
+    except DataLimitsError as err:
+        raise SiteSettingsError(f"node config: {err}; check site.toml") from None
+
+
+def _disclosure(node_config: Mapping[str, object]) -> MetricDisclosure:
+    withheld = str(node_config.get("withhold-metrics", "") or "")
+    count_step = _number(node_config, "count-step", int)
+    try:
+        return MetricDisclosure(
+            decimals=_number(node_config, "metric-decimals", int),  # type: ignore[arg-type]
+            withheld=frozenset(n.strip() for n in withheld.split(",") if n.strip()),
+            count_step=1 if count_step is None else count_step)  # type: ignore[arg-type]
+    except DisclosureError as err:
+        raise SiteSettingsError(f"node config: {err}; check site.toml") from None
 
 
 def simulated_site_dirs(data_dir: Path) -> list[Path]:
@@ -82,6 +138,13 @@ def _simulated_site(partition_id: int, config: RunConfig) -> SiteSettings:
         data_dir=data_dir,
         labels=None,
         key_file=Path(config.key_dir) / SITE_KEY_FILE,
+        signing_key=_simulated_signing_key(Path(config.key_dir), data_dir.name),
         state_dir=state_dir,
         audit_log=state_dir / "audit.jsonl",
     )
+
+
+def _simulated_signing_key(key_dir: Path, site: str) -> Path | None:
+    """`init_key_files(..., sites=...)` writes one per simulated site; without it, unsigned."""
+    path = private_key_path(key_dir, site)
+    return path if path.exists() else None
