@@ -95,6 +95,7 @@ def replying(kind: str, message: Message, context: Context, answer: Answer) -> M
         site = resolve_site(context.node_config, config)
         server_round, content = answer(message, context, config, site)
     except Exception as err:  # whatever failed, the aggregator gets a clean, path-free error
+        site = site or _site_if_known(context)
         failure = record_failure(err, site.error_log if site else None, kind=kind,
                                  run_id=context.run_id, server_round=server_round)
         error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=failure.reason)
@@ -103,6 +104,15 @@ def replying(kind: str, message: Message, context: Context, answer: Answer) -> M
         return Message(error, reply_to=message)
     AuditLog(site.audit_log).record(context.run_id, server_round, kind, content)
     return Message(content, reply_to=message)
+
+
+def _site_if_known(context: Context) -> SiteSettings | None:
+    """A deployed site's settings even when the run config is unreadable (they do not depend on
+    it); None when the node config cannot say (then the failure is logged by this process only)."""
+    try:
+        return resolve_site(context.node_config, RunConfig())
+    except Exception:  # the failure being answered is reported; this one would only hide it
+        return None
 
 
 def declared_round(message: Message) -> int | None:

@@ -61,15 +61,15 @@ def record_failure(err: Exception, error_log: Path | None, *, kind: str, run_id:
                    server_round: int | None) -> SiteFailure:
     """Write the detail of `err` to the site's error log (JSON lines) and return what may leave.
 
-    Without an error log (the node config did not say where the site's state is), the detail
-    goes to this process's log only.
+    The process log (which a SuperNode may show beyond the site) gets only the category and the
+    reference, unless there is no error log to write (the node config did not say where the
+    site's state is, or it cannot be written): then the detail goes to the process log.
     """
     failure = SiteFailure(category_of(err), secrets.token_hex(6))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reference": failure.reference,
              "kind": kind, "run": int(run_id), "round": server_round,
              "category": failure.category, "error": type(err).__name__, "detail": str(err),
              "traceback": traceback.format_exception(err)}
-    log.error("%s failed (%s, reference %s): %s", kind, failure.category, failure.reference, err)
     if error_log is not None:
         try:
             error_log.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +78,11 @@ def record_failure(err: Exception, error_log: Path | None, *, kind: str, run_id:
                 os.write(fd, (json.dumps(entry) + "\n").encode())
             finally:
                 os.close(fd)
-        except OSError as log_err:  # the reply must still leave; the process log has the detail
+            log.error("%s failed (%s, reference %s): detail in %s", kind, failure.category,
+                      failure.reference, error_log)
+            return failure
+        except OSError as log_err:  # the reply must still leave; the process log gets the detail
             log.error("cannot write the site's error log %s: %s", error_log, log_err)
+    log.error("%s failed (%s, reference %s): %s", kind, failure.category, failure.reference, err,
+              exc_info=err)
     return failure
