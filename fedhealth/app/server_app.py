@@ -17,9 +17,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedhealth.core.config import ConfigError, RunConfig
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.aggregator_key import load_aggregator_context
+from fedhealth.core.crypto.signing import SIGNING_KEYS_DIR, ReplyVerifier
 from fedhealth.core.run_history import RunResults, write_json_atomically
 from strategies.encrypted_fedavg import EncryptedFedAvg
 from strategies.plaintext_fedavg import CheckedFedAvg
+from strategies.reply_check import ReplyVerifier as ReplyHook
+from strategies.reply_signature import signature_hook
 
 RunStrategy = EncryptedFedAvg | CheckedFedAvg
 
@@ -45,7 +48,19 @@ def build_strategy(config: RunConfig) -> RunStrategy:
     checkpoint_dir = Path(config.out_dir) / wire.CHECKPOINT_DIR if config.out_dir else None
     return EncryptedFedAvg(key, uniform_weights=config.uniform_weights,
                            max_site_weight=config.max_site_weight,
-                           checkpoint_dir=checkpoint_dir, resume=config.resume, **common)
+                           checkpoint_dir=checkpoint_dir, resume=config.resume,
+                           reply_verifier=_signature_hook(Path(config.key_dir)), **common)
+
+
+def _signature_hook(key_dir: Path) -> ReplyHook | None:
+    """Check every reply's signature against `key_dir/node-keys/<site>.pub`, when registered."""
+    verifier = ReplyVerifier.from_key_dir(key_dir)
+    if verifier is None:
+        log(WARNING, "No %s folder in %s: replies are not signature-checked, so replays and "
+            "copies of another site's update are not refused (`fedhealth keys init --sites` "
+            "and `federation init` write it)", SIGNING_KEYS_DIR, key_dir)
+        return None
+    return signature_hook(verifier)
 
 
 def starting_arrays(strategy: RunStrategy) -> ArrayRecord:
