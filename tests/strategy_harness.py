@@ -32,7 +32,8 @@ from fedhealth.core.crypto.messages import (
     read_instruction,
 )
 
-Tamper = Callable[[RecordDict, str], None]  # (reply content, message type): edits in place
+Tamper = Callable[[RecordDict, str], RecordDict | None]
+"""(reply content, message type) -> a replacement content, or None after editing it in place."""
 
 
 def random_tensors(seed: int, width: int = 3000) -> dict[str, np.ndarray]:
@@ -41,11 +42,10 @@ def random_tensors(seed: int, width: int = 3000) -> dict[str, np.ndarray]:
             "head.weight": rng.normal(size=(4, 7)).astype(np.float32)}
 
 
-def only(message_type: str, edit: Callable[[RecordDict], None]) -> Tamper:
-    """A tamper hook that edits replies of one message type and leaves the others alone."""
-    def tamper(content: RecordDict, kind: str) -> None:
-        if kind == message_type:
-            edit(content)
+def only(*message_types: str, edit: Callable[[RecordDict], RecordDict | None]) -> Tamper:
+    """A tamper hook that edits replies of these message types and leaves the others alone."""
+    def tamper(content: RecordDict, kind: str) -> RecordDict | None:
+        return edit(content) if kind in message_types else None
     return tamper
 
 
@@ -65,7 +65,7 @@ class FakeSite:
     def handle(self, message: Message) -> Message:
         content = self._answer(message)
         if self.tamper is not None:
-            self.tamper(content, message.metadata.message_type)
+            content = self.tamper(content, message.metadata.message_type) or content
         self.sent.append(content)
         return Message(content, reply_to=message)
 
@@ -126,7 +126,9 @@ class FakeGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
-        replies = [self.sites[m.metadata.dst_node_id].handle(m) for m in messages]
+        # in node order (Flower samples in random order): tests see replies arrive the same way
+        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        replies = [self.sites[m.metadata.dst_node_id].handle(m) for m in ordered]
         replies += self.extra
         self.extra = []
         self.received.extend(replies)

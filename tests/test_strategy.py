@@ -122,12 +122,12 @@ def test_bad_replies_are_excluded_and_the_round_completes(
     good = [FakeSite(f"good{k}", site_key, 20 + k, random_tensors(k)) for k in range(2)]
     bad = [
         FakeSite("stranger", site_key, 30, random_tensors(5),
-                 tamper=only("train", encrypt_under(stranger))),
+                 tamper=only("train", edit=encrypt_under(stranger))),
         FakeSite("truncated", site_key, 30, random_tensors(6),
-                 tamper=only("train", truncate_first_ciphertext)),
+                 tamper=only("train", edit=truncate_first_ciphertext)),
         FakeSite("reshaped", site_key, 30, random_tensors(7, width=2999)),
         FakeSite("incomplete", site_key, 30, random_tensors(8),
-                 tamper=only("train", drop_layout_hash)),
+                 tamper=only("train", edit=drop_layout_hash)),
     ]
     grid = FakeGrid(good + bad)
     strategy = strategy_for(key_dir, len(grid.sites))
@@ -172,8 +172,8 @@ def test_too_few_valid_replies_keep_the_previous_global(key_dir: Path, site_key:
     strategy = strategy_for(key_dir, 3, min_replies=3)
     one_round(strategy, grid)
     before = strategy.current
-    sites[2].tamper = only("train", drop_layout_hash)
-    sites[1].tamper = only("train", truncate_first_ciphertext)
+    sites[2].tamper = only("train", edit=drop_layout_hash)
+    sites[1].tamper = only("train", edit=truncate_first_ciphertext)
     assert one_round(strategy, grid, 2) is None
     assert strategy.current is before
 
