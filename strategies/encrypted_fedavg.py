@@ -10,7 +10,7 @@ Every reply goes through one `ReplyScreen`; what it accepts is the run's one rec
 import math
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -116,16 +116,21 @@ class EncryptedFedAvg(FedAvg):
             state.server_round, len(state.ciphertexts))
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              **kwargs: object) -> Result:
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+              ) -> Result:
         """Run the rounds not yet in the checkpoint; `initial_arrays` is ignored (see module)."""
         remaining = num_rounds - self.completed_rounds
         if remaining <= 0:
             log(INFO, "All %d rounds are in the checkpoint; nothing to run", num_rounds)
             return Result(arrays=self.global_record())
-        if self.completed_rounds:
+        if self.completed_rounds:  # Flower's loop counts from 1: run it over shifted rounds
             return ShiftedRounds(self, self.completed_rounds).start(
-                grid, self.global_record(), remaining, **kwargs)  # type: ignore[arg-type]
-        return super().start(grid, self.global_record(), remaining, **kwargs)  # type: ignore[arg-type]
+                grid, self.global_record(), remaining, timeout, train_config, evaluate_config,
+                evaluate_fn)
+        return super().start(grid, self.global_record(), remaining, timeout, train_config,
+                             evaluate_config, evaluate_fn)
 
     def summary(self) -> None:
         super().summary()

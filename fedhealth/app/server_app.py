@@ -9,6 +9,7 @@ from the seed every site derives. The strategy's run history is what results.jso
 import time
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.common import log
@@ -33,7 +34,7 @@ def build_strategy(config: RunConfig) -> RunStrategy:
     Plaintext runs start from an empty ArrayRecord as encrypted ones do: every site builds the
     round-1 model from the run seed, so the aggregator needs no model (nor its class count).
     """
-    common = dict(
+    common: dict[str, Any] = dict(  # Flower's FedAvg sampling, the same for both strategies
         fraction_train=config.fraction_train,
         min_train_nodes=config.min_sites,
         min_evaluate_nodes=config.min_sites,
