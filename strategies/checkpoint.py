@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from fedhealth.core.atomic_file import write_atomically
+from fedhealth.core.crypto.wire import CHECKPOINT_FILE, HISTORY_FILE, ciphertext_name
 from fedhealth.core.file_checksum import ChecksumError, verified_body, with_checksum
 
-CHECKPOINT_FILE = "encrypted_global.npz"
-HISTORY_FILE = "site_metrics.json"
 _META = "meta"
 
 
@@ -50,14 +49,10 @@ class EncryptedGlobal:
     training_id: str
 
 
-def _ciphertext_name(index: int) -> str:
-    return f"ct-{index:05d}"
-
-
 def save_checkpoint(directory: Path, state: EncryptedGlobal) -> Path:
     """Write `state` to `directory` atomically, with its checksum."""
     meta = {k: v for k, v in asdict(state).items() if k != "ciphertexts"}
-    arrays = {_ciphertext_name(i): np.frombuffer(b, dtype=np.uint8)
+    arrays = {ciphertext_name(i): np.frombuffer(b, dtype=np.uint8)
               for i, b in enumerate(state.ciphertexts)}
     buffer = io.BytesIO()
     np.savez(buffer, **{_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)},
@@ -92,20 +87,20 @@ def _read_archive(path: Path, body: bytes) -> tuple[object, list[bytes]]:
         with np.load(io.BytesIO(body), allow_pickle=False) as data:
             names = set(data.files)
             count = len(names) - 1
-            expected = {_META, *(_ciphertext_name(i) for i in range(count))}
+            expected = {_META, *(ciphertext_name(i) for i in range(count))}
             if names != expected or count < 1:
                 missing = sorted(expected - names) or ["ct-00000"]
                 raise CheckpointDamaged(path, f"it lacks {', '.join(missing[:3])} (holds "
                                               f"{', '.join(sorted(names)[:4])})")
             meta = json.loads(data[_META].tobytes())
-            arrays = [data[_ciphertext_name(i)] for i in range(count)]
+            arrays = [data[ciphertext_name(i)] for i in range(count)]
     except CheckpointDamaged:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise CheckpointDamaged(path, f"it is not a readable archive ({exc})") from None
     for i, array in enumerate(arrays):
         if array.dtype != np.uint8 or array.ndim != 1 or array.size == 0:
-            raise CheckpointDamaged(path, f"{_ciphertext_name(i)} is not a non-empty byte array")
+            raise CheckpointDamaged(path, f"{ciphertext_name(i)} is not a non-empty byte array")
     return meta, [array.tobytes() for array in arrays]
 
 

@@ -70,7 +70,7 @@ def test_ip_address_goes_into_san_as_ip(tmp_path: Path) -> None:
 def test_node_keys_are_what_flower_loads(federation: Path) -> None:
     """Flower's own loaders: `flwr supernode register` and `flower-supernode`."""
     for site in SITES:
-        registered = try_load_public_key(federation / "coordinator" / "node-keys" / f"{site}.pub")
+        registered = try_load_public_key(federation / "coordinator" / "keys" / "node-keys" / f"{site}.pub")
         private = load_ssh_private_key((federation / site / "node.key").read_bytes(), None)
         assert isinstance(private, ec.EllipticCurvePrivateKey)
         assert public_key_to_bytes(private.public_key()) == registered

@@ -160,7 +160,7 @@ def refused_site(fed: Federation, name: str, change: Callable[[Path], None]) -> 
 def test_supernode_with_unregistered_key_is_refused(federation: Federation) -> None:
     def new_key(bundle: Path) -> None:
         private, public = pki.make_node_keypair()
-        pki.write_secret(bundle / "node.key", private)
+        pki.write_secret(bundle / "node.key", private, overwrite=True)
         pki.write_public(bundle / "node.pub", public)
 
     output = refused_site(federation, "intruder", new_key)

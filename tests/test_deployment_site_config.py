@@ -45,7 +45,8 @@ def test_valid_site_passes_and_node_config_reaches_flower(site: Path, pristine: 
     node_config = parse_config_args([config.node_config()])
     assert node_config == {"site-name": "a", "data-dir": str(pristine / "data" / "hospital-1"),
                            "state-dir": str(site / "state"), "key-file": str(site / "site.ctx"),
-                           "audit-log": str(site / "audit.jsonl")}
+                           "audit-log": str(site / "audit.jsonl"),
+                           "node-key": str(site / "node.key")}
 
 
 @pytest.mark.parametrize("damage, message", [

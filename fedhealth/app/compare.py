@@ -14,12 +14,14 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset, Dataset
 
+from fedhealth.app.simulation import simulate
 from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.keys import init_key_files
+from fedhealth.core.crypto.signing import public_key_path
 from fedhealth.core.models import model_spec
 from fedhealth.core.personalization import POLICY_NAMES
 from fedhealth.core.run_history import EVALUATION_METRICS, mean_metrics, write_json_atomically
-from fedhealth.app.simulation import simulate
 from sites.dataset import SiteSplits, load_site
 from sites.site_settings import simulated_site_dirs
 from sites.training import TrainSettings, evaluate_model, train_centrally
@@ -75,9 +77,11 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
     """
     work = out.parent / f"{out.stem}-runs"
     key_dir = work / "keys"
-    if not (key_dir / "aggregator.ctx").exists():
-        init_key_files(key_dir, base.crypto_preset)
     site_dirs = simulated_site_dirs(data_dir)
+    names = [d.name for d in site_dirs]  # each simulated site signs its replies with its own key
+    if not (key_dir / wire.AGGREGATOR_KEY_FILE).exists() or not all(
+            public_key_path(key_dir, name).exists() for name in names):
+        init_key_files(key_dir, base.crypto_preset, sites=names, overwrite=True)  # our scratch
     runs: list[dict[str, object]] = []
     for seed in range(base.seed, base.seed + repeats):
         config = replace(base, seed=seed, data_dir=str(data_dir), key_dir=str(key_dir))

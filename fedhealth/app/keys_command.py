@@ -15,6 +15,9 @@ def keys_init(
     out: Path = typer.Option(..., "--out", help="Folder for site.ctx and aggregator.ctx."),
     preset: str = typer.Option("default", help=f"CKKS preset: {', '.join(PRESETS)}."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
+    sites: str = typer.Option("", "--sites", help="Comma-separated site names: also write "
+                              "node-keys/<site>.key + .pub, the reply-signing keys of a "
+                              "simulation (a deployment uses each SuperNode's node.key)."),
 ) -> None:
     """Write site.ctx (secret key, mode 0600) and aggregator.ctx (parameters only)."""
     from fedhealth.core.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
@@ -22,7 +25,8 @@ def keys_init(
     console = Console()
     try:
         params = get_preset(preset)
-        fingerprint = init_key_files(out, preset, overwrite=force)
+        names = [s.strip() for s in sites.split(",") if s.strip()]
+        fingerprint = init_key_files(out, preset, sites=names, overwrite=force)
     except (ValueError, FileExistsError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -31,4 +35,7 @@ def keys_init(
                   f"scale=2^{params.scale_bits})")
     console.print(f"site key    {out / SITE_FILE}  (secret: copy only to the federation's sites)")
     console.print(f"aggregator  {out / AGGREGATOR_FILE}  (parameters only: for the aggregator)")
+    if names:
+        console.print(f"signing     {out / 'node-keys'}  ({len(names)} sites: <site>.key secret, "
+                      "<site>.pub for the aggregator)")
     console.print(f"fingerprint {fingerprint}")

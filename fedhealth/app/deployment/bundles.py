@@ -18,6 +18,7 @@ from flwr.supercore.address import parse_address
 
 from fedhealth.app.deployment import pki
 from fedhealth.core.crypto.keys import AGGREGATOR_FILE, SITE_FILE, init_key_files
+from fedhealth.core.crypto.signing import public_key_path
 
 COORDINATOR = "coordinator"
 CA_DIR = "ca"
@@ -65,7 +66,8 @@ class CoordinatorBundle:
         return self.root / "results"
 
     def node_public_key(self, site: str) -> Path:
-        return self.root / "node-keys" / f"{site}.pub"
+        """In the key-dir, where the ServerApp also verifies the site's reply signatures."""
+        return public_key_path(self.key_dir, site)
 
     @classmethod
     def load(cls, root: Path) -> "CoordinatorBundle":
@@ -138,7 +140,7 @@ def init_federation(name: str, sites: list[str], superlink: str, out: Path,
         pki.write_public(folder / "ca.pem", pki.cert_pem(ca_cert))
         pki.write_secret(folder / "node.key", private)
         pki.write_public(folder / "node.pub", public)
-        pki.write_public(coord / "node-keys" / f"{site}.pub", public)
+        pki.write_public(public_key_path(coord / "keys", site), public)
         pki.write_secret(folder / SITE_FILE, secret)
         (folder / SITE_CONFIG_FILE).write_text(site_toml(name, site, superlink))
 

@@ -15,6 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedhealth.core import secret_file
+from fedhealth.core.crypto.keys import new_signing_keypair
+
 CA_DAYS = 3650
 SERVER_DAYS = 825
 _CURVE = ec.SECP384R1()
@@ -75,14 +78,9 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
 
 
 def make_node_keypair() -> tuple[bytes, bytes]:
-    """A SuperNode auth key pair as (OpenSSH private key, OpenSSH public key) bytes."""
-    key = ec.generate_private_key(_CURVE)
-    private = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
-    return private, public + b"\n"
+    """A SuperNode auth key pair as (OpenSSH private key, OpenSSH public key) bytes; the
+    ClientApp signs its replies with the same key (fedhealth.core.crypto.signing)."""
+    return new_signing_keypair()
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:
@@ -94,13 +92,10 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    """Write a private file created with mode 0600 (never briefly world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
+def write_secret(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """The one rule for secrets (fedhealth.core.secret_file): atomic, 0600 from the first
+    byte, an existing file replaced only with `overwrite`."""
+    secret_file.write_secret(path, data, overwrite=overwrite)
 
 
 def write_public(path: Path, data: bytes) -> None:

@@ -38,7 +38,8 @@ class SiteConfig:
     def node_config(self) -> str:
         """Flower `--node-config` string: what the ClientApp reads from `context.node_config`."""
         values = {"site-name": self.name, "data-dir": self.data_dir, "state-dir": self.state_dir,
-                  "key-file": self.he_context, "audit-log": self.audit_log}
+                  "key-file": self.he_context, "audit-log": self.audit_log,
+                  "node-key": self.node_private_key}  # also signs the site's replies
         if self.labels:
             values["labels"] = self.labels
         return " ".join(f'{key}="{value}"' for key, value in values.items())

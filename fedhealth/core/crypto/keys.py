@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedhealth.core.atomic_file import write_atomically
+from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.aggregator_key import AggregatorKey, load_aggregator_context
 from fedhealth.core.crypto.keyfile import KeyFile, KeyFileError, LoadedKey, params_only
 from fedhealth.core.crypto.presets import get_preset
@@ -46,8 +47,7 @@ __all__ = [
     "new_signing_keypair",
 ]
 
-SITE_FILE = "site.ctx"
-AGGREGATOR_FILE = "aggregator.ctx"
+SITE_FILE, AGGREGATOR_FILE = wire.SITE_KEY_FILE, wire.AGGREGATOR_KEY_FILE  # named in `wire`
 
 
 class SiteKey(LoadedKey):
