@@ -7,7 +7,6 @@ only it. SuperNode authentication keys are the OpenSSH EC keys Flower expects (N
 import datetime
 import ipaddress
 import os
-import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -108,10 +107,10 @@ def check_private_file(path: Path, what: str) -> None:
     """Refuse a secret file that is missing or readable by group or others."""
     if not path.is_file():
         raise PkiError(f"{what} '{path}' does not exist")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise PkiError(f"{what} '{path}' has permissions {mode:04o}: it must be readable by "
-                       f"its owner only; run `chmod 600 {path}`")
+    try:
+        secret_file.require_owner_only(path, path.stat().st_mode, what)
+    except secret_file.SecretFileError as err:
+        raise PkiError(str(err)) from None
 
 
 def load_ca_cert(path: Path) -> x509.Certificate:
