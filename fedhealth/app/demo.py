@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 from fedhealth.app.compare import compare
-from fedhealth.core.config import RunConfig
 from fedhealth.app.report import plot_results, results_table
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto import wire
 from fedhealth.core.synth import synthesize_federation
 from sites.site_check import check_site, summary_table
 
@@ -36,7 +37,7 @@ def run_demo(out: Path, seed: int, console: Console) -> Path:
     reports = [check_site(site) for site in sorted(p for p in data.iterdir() if p.is_dir())]
     console.print(summary_table(reports))
 
-    results_path = out / "results.json"
+    results_path = out / wire.RESULTS_FILE
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("running strategies", total=len(DEMO_STRATEGIES))
 

@@ -30,7 +30,10 @@ complex slots (all presets but `nvflare`) values 2i and 2i+1 of a chunk are the 
 imaginary part of slot i, so a ciphertext's TenSEAL size counts slots, not values.
 """
 
-from flwr.app import Array, ArrayRecord
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names above are read by light paths (site check, synth): Flower loads
+    from flwr.app import Array, ArrayRecord  # only when ciphertexts are mapped, below
 
 # ---------------------------------------------------------------- record names
 GLOBAL = "fh.global"
@@ -73,14 +76,16 @@ def ciphertext_name(index: int) -> str:
     return f"ct-{index:05d}"
 
 
-def ciphertexts_to_record(blobs: list[bytes]) -> ArrayRecord:
+def ciphertexts_to_record(blobs: list[bytes]) -> "ArrayRecord":
     """Serialized ciphertexts as Arrays; Flower chunks large arrays itself."""
+    from flwr.app import Array, ArrayRecord
+
     return ArrayRecord({ciphertext_name(i): Array(dtype="uint8", shape=(len(b),),
                                                   stype=CIPHERTEXT_STYPE, data=bytes(b))
                         for i, b in enumerate(blobs)})
 
 
-def ciphertext_arrays(record: ArrayRecord) -> list[Array]:
+def ciphertext_arrays(record: "ArrayRecord") -> "list[Array]":
     """The record's ciphertext Arrays in order, checked by what they declare, before any parsing.
 
     Refuses foreign names, gaps, another stype and an Array whose declared shape is not its
@@ -101,7 +106,7 @@ def ciphertext_arrays(record: ArrayRecord) -> list[Array]:
     return arrays
 
 
-def record_to_ciphertexts(record: ArrayRecord) -> list[bytes]:
+def record_to_ciphertexts(record: "ArrayRecord") -> list[bytes]:
     """The inverse of `ciphertexts_to_record` (see `ciphertext_arrays` for what it refuses)."""
     return [array.data for array in ciphertext_arrays(record)]
 
