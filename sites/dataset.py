@@ -137,7 +137,8 @@ def site_transforms(image_size: int, task: str = "classification",
     to the 0.5-99.5 percentiles, invert MONOCHROME1, resize. Deterministic, hence cacheable."""
     seg = task == "segmentation"
     spatial = ["image", "mask"] if seg else ["image"]
-    steps = [LoadImaged("image", reader=SiteDicomReader(limits.max_image_bytes), image_only=True)]
+    reader = SiteDicomReader(limits.max_image_bytes)  # MONAI's hint omits reader instances:
+    steps: list[MapTransform] = [LoadImaged("image", reader=reader, image_only=True)]  # type: ignore[arg-type]
     if seg:
         steps.append(LoadImaged("mask", reader="NumpyReader", image_only=True))
     steps += [
@@ -188,8 +189,8 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
             return PersistentDataset(items, transform, cache_dir=folder)
         return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
 
-    return SiteSplits(index.name, *(dataset(s) for s in SPLITS), num_classes=limits.num_classes,
-                      skipped=skipped)
+    return SiteSplits(index.name, train=dataset("train"), val=dataset("val"), test=dataset("test"),
+                      num_classes=limits.num_classes, skipped=skipped)
 
 
 def _item(x: Labeled, task: str) -> dict[str, object]:

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -96,7 +97,7 @@ class SiteDicomReader(PydicomReader):
         super().__init__(swap_ij=False, defer_size=_DEFER_SIZE)
         self.max_image_bytes = max_image_bytes
 
-    def get_data(self, data: pydicom.Dataset) -> tuple[np.ndarray, dict]:  # type: ignore[override]
+    def get_data(self, data: pydicom.Dataset) -> tuple[np.ndarray, dict]:
         if reason := unsupported_pixels(data, self.max_image_bytes):
             raise UnusableImage(reason)
         try:
@@ -234,7 +235,8 @@ def _to_entry(result: DicomImage | Skipped) -> dict[str, object]:
 def _from_entry(path: Path, entry: dict[str, object]) -> DicomImage | Skipped:
     if "skipped" in entry:
         return Skipped(str(path), str(entry["skipped"]))
-    return DicomImage(**{**entry["image"], "path": path})  # type: ignore[dict-item]
+    fields: dict[str, Any] = dict(entry["image"])  # type: ignore[call-overload]
+    return DicomImage(**{**fields, "path": path})
 
 
 def inspect_file(path: Path, max_image_bytes: int = _DEFAULT_MAX_BYTES) -> DicomImage | Skipped:
