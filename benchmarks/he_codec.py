@@ -31,8 +31,8 @@ from rich.table import Table
 from fedhealth.core.crypto.codec import decrypt_global, encrypt_update
 from fedhealth.core.crypto.keys import init_key_files, load_aggregator_context, load_site_context
 from fedhealth.core.crypto.layout import TensorLayout
-from fedhealth.core.crypto.wire import ciphertexts_to_record, record_to_ciphertexts
-from strategies.reply_check import parse_ciphertexts
+from fedhealth.core.crypto.wire import ciphertexts_to_record
+from strategies.ciphertext_sum import sum_updates
 
 T = TypeVar("T")
 
@@ -87,16 +87,9 @@ def measure_preset(name: str, tensors: list[dict[str, np.ndarray]], weights: np.
     records = [encrypt.fastest(repeat, lambda t=t, a=a: encrypt_update(site, t, float(a)))
                for t, a in track(list(zip(tensors, weights)), description=f"{name}: encrypt")]
 
-    # What `EncryptedFedAvg.aggregate_train` does with the ciphertexts of valid replies.
-    total = None
-    for record in records:
-        vectors = aggregate.fastest(repeat, lambda r=record: parse_ciphertexts(
-            aggregator, record_to_ciphertexts(r)))
-        if total is None:
-            total = vectors
-        else:  # in place, so once
-            aggregate.fastest(1, lambda v=vectors, t=total: [a.add_(b) for a, b in zip(t, v, strict=True)])
-    summed = aggregate.fastest(repeat, lambda: ciphertexts_to_record([v.serialize() for v in total]))
+    # `sum_updates`: what `EncryptedFedAvg.aggregate_train` does with the valid replies' ciphertexts
+    total = aggregate.fastest(repeat, lambda: sum_updates(aggregator, records))
+    summed = ciphertexts_to_record(total.ciphertexts)
 
     mean = decrypt.fastest(repeat, lambda: decrypt_global(
         site, summed, TensorLayout.of(tensors[0]), float(weights.sum()))["w"])
