@@ -17,7 +17,7 @@ from fedhealth.core.crypto.keys import (
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.messages import InstructionError, build_reply, read_instruction
 from fedhealth.core.crypto.presets import PRESETS, HeadroomError
-from strategies.ciphertext_sum import parse_ciphertexts
+from strategies.ciphertext_sum import sum_updates
 
 
 def tensors(seed: int = 0) -> dict[str, np.ndarray]:
@@ -62,11 +62,9 @@ def test_chunks_pack_and_sum_per_preset(key_pair: tuple[SiteKey, AggregatorKey])
     assert bytes_per_value <= {"default": 16.1, "compact": 8.1, "nvflare": 64.1}[preset.name]
     assert np.max(np.abs(decrypt_vector(site, blobs[0], len(vectors[0])) - vectors[0])) < 1e-7
 
-    total = parse_ciphertexts(aggregator, blobs[0])
-    assert [v.size() for v in total] == [preset.slots, preset.slots, 1]
-    for acc, vector in zip(total, parse_ciphertexts(aggregator, blobs[1]), strict=True):
-        acc.add_(vector)
-    summed = decrypt_vector(site, [v.serialize() for v in total], len(vectors[0]))
+    total = sum_updates(aggregator, [wire.ciphertexts_to_record(b) for b in blobs])
+    assert total is not None and total.chunk_sizes == (preset.slots, preset.slots, 1)
+    summed = decrypt_vector(site, total.ciphertexts, len(vectors[0]))
     assert np.max(np.abs(summed - vectors[0] - vectors[1])) < 1e-7
 
 
