@@ -51,6 +51,30 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Folder for data, resu
     run_demo(out, seed, report_console())
 
 
+@app.command(name="simulate")
+def simulate_command(
+    run_config: list[str] | None = typer.Option(
+        None, "--run-config", help="Overrides of [tool.flwr.app.config], as for `flwr run`, e.g. "
+        "\"data-dir='fed' key-dir='keys' out-dir='out' policy='fedbn'\"."),
+    quiet: bool = typer.Option(False, help="Show only the run log's warnings and errors."),
+) -> None:
+    """Run the federation in Flower's simulation engine on a SuperLink of its own, stopped with
+    everything it started when the run ends (`flwr run .` leaves its SuperLink running)."""
+    from fedhealth.app.flower_cli import FlowerError, default_app_dir, submitted_run_config
+    from fedhealth.app.report import results_table
+    from fedhealth.app.simulation import SimulationError, simulate
+    from fedhealth.core.config import ConfigError
+
+    console = report_console()
+    try:
+        results = simulate(submitted_run_config(default_app_dir(), run_config or []),
+                           verbose=not quiet)
+    except (ConfigError, FlowerError, SimulationError) as error:
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(results_table([results]))
+
+
 @app.command(name="compare")
 def compare_command(
     data: Path = typer.Option(..., exists=True, file_okay=False, help="Federation folder."),

@@ -1,54 +1,120 @@
-"""Run a federation in Flower's simulation engine from Python (tests, `compare`, the demo).
+"""Run a federation in Flower's simulation engine (tests, `compare`, the demo, notebooks,
+`fedhealth simulate`), leaving no process behind.
 
-`flwr run .` does the same from the command line; this path exists because a researcher's grid
-needs many runs with different configs in one process, and `run_simulation` takes app objects.
+Flower 1.42 deprecates `run_simulation`; its replacement is `flwr run` against a SuperLink in
+simulation mode. On its default `local` connection `flwr run .` starts that SuperLink itself,
+detached, on fixed ports (39091/39093), and leaves it running after the run. Here a
+`local_superlink()` block starts one of its own on a free port with a private FLWR_HOME, and stops
+it, with the ServerApp and simulation processes it spawned, when the block ends. The ServerApp and
+ClientApps are the ones `flwr run` ships in the app bundle, exactly as in a deployment.
 """
 
 import json
 import logging
 import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flwr.simulation import run_simulation
+import httpx
+import psutil
 
-from fedhealth.app.server_app import server_app
+from fedhealth.app.flower_cli import COMPLETED, FlowerError, FlwrCli, default_app_dir, executable, stop
 from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto.wire import RESULTS_FILE
-from sites.client_app import app as client_app
 from sites.site_settings import simulated_site_dirs
+
+CONNECTION = "fedhealth-simulation"
+_LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s?(.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Flower warns about its default federation size on every run; `simulate` always sets it.
+_NOT_FOR_THE_USER = ("default simulated SuperNodes changed",)
+
+
+_PATH_FIELDS = ("data_dir", "key_dir", "state_dir", "out_dir")
 
 
 class SimulationError(RuntimeError):
-    """The simulation ended without writing results."""
+    """The simulation could not start, or ended without writing results."""
 
 
-def _not_the_run_simulation_notice(record: logging.LogRecord) -> bool:
-    # `run_simulation` is how a Python grid passes app objects; the notice is not the user's to act on
-    return "`run_simulation` function is deprecated" not in record.getMessage()
+@dataclass(frozen=True)
+class LocalSuperLink:
+    """A simulation-mode SuperLink on 127.0.0.1 that this process started and will stop."""
+
+    cli: FlwrCli
+    process: subprocess.Popen[bytes]
+    log: Path
 
 
 @contextmanager
-def _flower_warnings_only() -> Iterator[None]:
-    """Flower logs every round at INFO; a grid of runs wants only its warnings (excluded sites)."""
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    logger.addFilter(_not_the_run_simulation_notice)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        logger.removeFilter(_not_the_run_simulation_notice)
+def local_superlink(attempts: int = 5, ready_timeout: float = 60) -> Iterator[LocalSuperLink]:
+    """A SuperLink for the runs inside the block; stopped, children included, when it ends.
+
+    A free port can be taken between finding and binding it, so each attempt checks that the
+    SuperLink process itself listens on its port, and tries another port if not.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedhealth-superlink-") as home:
+        link = _start_superlink(Path(home), attempts, ready_timeout)
+        try:
+            yield link
+        finally:
+            stop(link.process)
 
 
-def simulate(config: RunConfig, *, num_sites: int | None = None,
-             verbose: bool = False) -> dict[str, object]:
+def _start_superlink(home: Path, attempts: int, ready_timeout: float) -> LocalSuperLink:
+    log = home / "superlink.log"
+    for _ in range(attempts):
+        port = _unused_port()
+        cli = FlwrCli(home, CONNECTION, f"127.0.0.1:{port}")
+        env = {**cli.env(), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # Ray's announced default
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [executable("flower-superlink"), "--insecure", "--simulation", "--host",
+                 "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if _serves(process, port, ready_timeout):
+            return LocalSuperLink(cli, process, log)
+        stop(process)
+    raise SimulationError(f"no local SuperLink started in {attempts} attempts; its log:\n"
+                          f"{log.read_text(errors='replace')[-2000:]}")
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _serves(process: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    """True once `process` itself listens on `port` and answers /health; False if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            listening = any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                            for c in psutil.Process(process.pid).net_connections("tcp"))
+            if listening and httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).is_success:
+                return True
+        except (psutil.Error, httpx.HTTPError):
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def simulate(config: RunConfig, *, num_sites: int | None = None, verbose: bool = False,
+             superlink: LocalSuperLink | None = None) -> dict[str, object]:
     """Run one federation over the hospital folders in `config.data_dir`; return its results.
 
-    verbose: keep Flower's per-round log; otherwise only its warnings are shown.
+    verbose: forward every line of the run's log to the `flwr` logger at its level (and let the
+        simulated sites log too); otherwise only its warnings and errors (excluded sites).
+    superlink: a `local_superlink()` to run on (a grid of runs can share one); by default
+        each call starts its own and stops it before returning.
     """
     if not config.out_dir:
         raise SimulationError("run config 'out-dir' is empty: results need a folder")
@@ -57,17 +123,47 @@ def simulate(config: RunConfig, *, num_sites: int | None = None,
     sites = num_sites or len(simulated_site_dirs(Path(config.data_dir)))
     if not config.expected_sites:  # every virtual node joins: wait for all of them
         config = replace(config, expected_sites=sites)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's announced default
-    with nullcontext() if verbose else _flower_warnings_only():
-        run_simulation(
-            server_app(config),
-            client_app,
-            num_supernodes=sites,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
-            },
-        )
-    if not results_path.exists():
-        raise SimulationError(f"the federation wrote no {results_path}; see the log above")
-    return json.loads(results_path.read_text())
+    # The apps run in Flower's processes, whose working folder is not the caller's
+    config = replace(config, **{name: str(Path(getattr(config, name)).resolve())
+                                for name in _PATH_FIELDS if getattr(config, name)})
+    federation = (f"num-supernodes={sites} client-resources-num-cpus=1 "
+                  f"client-resources-num-gpus=0.0 init-args-logging-level='ERROR' "
+                  f"init-args-log-to-driver={str(verbose).lower()}")
+    with nullcontext(superlink) if superlink else local_superlink() as link:
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", dir=link.cli.home,
+                                         delete=False) as run_config:
+            run_config.write(run_config_toml(config))
+        try:
+            run_id = link.cli.submit(default_app_dir(), [run_config.name], [federation])
+            _forward(link.cli.stream_log(run_id), verbose)
+            status = link.cli.status(run_id)
+        except FlowerError as err:
+            raise SimulationError(f"{err}; SuperLink log: {link.log}") from err
+        finally:
+            os.unlink(run_config.name)
+    if status != COMPLETED or not results_path.exists():
+        raise SimulationError(f"run {run_id} ended as '{status}' and wrote no {results_path}; "
+                              "see the log above")
+    results: dict[str, object] = json.loads(results_path.read_text())
+    return results
+
+
+def run_config_toml(config: RunConfig) -> str:
+    """Every field as a TOML line: what `flwr run --run-config FILE.toml` reads, free of the
+    quoting a path with spaces would need on a command line."""
+    def value(v: bool | int | float | str) -> str:
+        return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
+
+    return "".join(f"{key} = {value(v)}\n" for key, v in config.to_flower().items())
+
+
+def _forward(lines: Iterator[str], verbose: bool) -> None:
+    """Re-log the run's lines through Flower's logger, as an in-process run logged them."""
+    logger = logging.getLogger("flwr")
+    level = logging.INFO
+    for line in lines:
+        text = _ANSI.sub("", line).rstrip()
+        if match := _LEVEL.match(text):
+            level, text = logging.getLevelName(match[1]), match[2]
+        if (verbose or level >= logging.WARNING) and not any(n in text for n in _NOT_FOR_THE_USER):
+            logger.log(level, text)
