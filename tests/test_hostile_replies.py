@@ -103,9 +103,12 @@ def out_of_ntt_form(site_key: SiteKey) -> Edit:
 
 
 def garbage_npy(content: RecordDict) -> None:
-    """`fh.update` as a numpy Array whose .npy header is garbage."""
+    """The real ciphertext behind a garbage .npy header, in a numpy Array: the old reader sliced
+    the bytes off the end (and parsed them), then the run history's `Array.numpy()` crashed."""
+    blob = wire.record_to_ciphertexts(content[wire.UPDATE])[0]  # type: ignore[arg-type]
     content[wire.UPDATE] = ArrayRecord({wire.ciphertext_name(0): Array(
-        dtype="uint8", shape=(4096,), stype="numpy.ndarray", data=b"\x93NUMPY\x01\x00" + b"!" * 4096)})
+        dtype="uint8", shape=(len(blob),), stype="numpy.ndarray",
+        data=b"\x93NUMPY\x01\x00garbage" + blob)})
 
 
 OLD_SITE_RECORD = "site"  # what sites used to send beside fh.crypto: {"name", "server-round"}
