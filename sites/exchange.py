@@ -48,7 +48,9 @@ PLAIN_METRICS = wire.METRICS
 class Exchange(Protocol):
     """One message from the aggregator, and how to answer it."""
 
-    server_round: int
+    @property
+    def server_round(self) -> int:
+        """The round the aggregator says this message belongs to."""
 
     def personal_key(self, run_id: int) -> str:
         """What this site's personal layers are stored under for this training."""

@@ -12,6 +12,7 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -44,7 +45,7 @@ class PersonalStore:
     def load(self) -> dict[str, np.ndarray] | None:
         """The stored tensors, or None when nothing has been stored for this site and run."""
         if self.state is not None and self.key in self.state:
-            record = self.state[self.key]
+            record = self.state.array_records[self.key]
             return {name: array.numpy() for name, array in record.items()}
         if self.path is None or not self.path.exists():
             return None
@@ -67,7 +68,8 @@ class PersonalStore:
         if self.path is None:
             return
         buffer = io.BytesIO()
-        np.savez(buffer, **{name: np.asarray(t) for name, t in tensors.items()})
+        arrays: dict[str, Any] = {name: np.asarray(t) for name, t in tensors.items()}
+        np.savez(buffer, **arrays)
         write_atomically(self.path, buffer.getbuffer())
 
 

@@ -15,6 +15,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,11 +53,11 @@ class EncryptedGlobal:
 def save_checkpoint(directory: Path, state: EncryptedGlobal) -> Path:
     """Write `state` to `directory` atomically, with its checksum."""
     meta = {k: v for k, v in asdict(state).items() if k != "ciphertexts"}
-    arrays = {ciphertext_name(i): np.frombuffer(b, dtype=np.uint8)
-              for i, b in enumerate(state.ciphertexts)}
+    arrays: dict[str, Any] = {ciphertext_name(i): np.frombuffer(b, dtype=np.uint8)
+                              for i, b in enumerate(state.ciphertexts)}
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
-    np.savez(buffer, **{_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)},
-             **arrays)
+    np.savez(buffer, **arrays)
     return write_atomically(directory / CHECKPOINT_FILE, with_checksum(buffer.getvalue()))
 
 

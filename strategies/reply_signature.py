@@ -22,7 +22,8 @@ def signature_hook(verifier: ReplyVerifier) -> ReplyHook:
         digest = ""
         if reply.kind == MessageType.TRAIN:
             try:
-                digest = ciphertext_digest(wire.record_to_ciphertexts(reply.content[wire.UPDATE]))
+                digest = ciphertext_digest(wire.record_to_ciphertexts(
+                    reply.content.array_records[wire.UPDATE]))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ReplyRejected(f"its ciphertexts cannot be read to check the signature "
                                     f"({exc})") from None

@@ -7,6 +7,7 @@ what a signature covers); an update's check values bind it to the round it answe
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
@@ -16,6 +17,8 @@ from fedhealth.core.crypto.codec import RoundBinding, decrypt_global, encrypt_up
 from fedhealth.core.crypto.keys import SigningKey, SiteKey
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.signing import ReplyFacts, ciphertext_digest
+
+T = TypeVar("T")
 
 
 class InstructionError(ValueError):
@@ -71,24 +74,37 @@ class Instruction:
 
 
 def read_instruction(content: RecordDict) -> Instruction:
-    """Parse a train or evaluate message's content; a missing field names itself."""
-    try:
-        crypto = content.config_records[wire.CRYPTO]
-        return Instruction(
-            server_round=int(crypto[wire.SERVER_ROUND]),
-            global_record=content.array_records.get(wire.GLOBAL),
-            weight_sum=float(crypto[wire.WEIGHT_SUM]),
-            site_weight=float(crypto[wire.SITE_WEIGHT]),
-            layout_hash=str(crypto[wire.LAYOUT_HASH]),
-            key_fingerprint=str(crypto[wire.FINGERPRINT]),
-            training_id=str(crypto[wire.TRAINING_ID]),
-            config=content.config_records.get(wire.CONFIG, ConfigRecord()),
-            nonce=str(crypto.get(wire.NONCE, "")),  # without one, no signature can verify
-            global_round=int(crypto.get(wire.GLOBAL_ROUND, 0)),  # type: ignore[arg-type]
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InstructionError(f"instruction lacks field {exc}: aggregator and site run "
-                               "different fedhealth versions?") from None
+    """Parse a train or evaluate message's content; a missing or mistyped field names itself."""
+    if wire.CRYPTO not in content.config_records:
+        raise InstructionError(f"instruction lacks record '{wire.CRYPTO}': aggregator and site "
+                               "run different fedhealth versions?")
+    crypto = content.config_records[wire.CRYPTO]
+    return Instruction(
+        server_round=_field(crypto, wire.SERVER_ROUND, int),
+        global_record=content.array_records.get(wire.GLOBAL),
+        weight_sum=float(_field(crypto, wire.WEIGHT_SUM, float)),
+        site_weight=float(_field(crypto, wire.SITE_WEIGHT, float)),
+        layout_hash=_field(crypto, wire.LAYOUT_HASH, str),
+        key_fingerprint=_field(crypto, wire.FINGERPRINT, str),
+        training_id=_field(crypto, wire.TRAINING_ID, str),
+        config=content.config_records.get(wire.CONFIG, ConfigRecord()),
+        nonce=_field(crypto, wire.NONCE, str, ""),  # without one, no signature can verify
+        global_round=_field(crypto, wire.GLOBAL_ROUND, int, 0),
+    )
+
+
+def _field(record: ConfigRecord, name: str, kind: type[T], default: T | None = None) -> T:
+    """`record[name]` of type `kind` (an int passes for a float), else InstructionError."""
+    if name not in record:
+        if default is not None:
+            return default
+        raise InstructionError(f"instruction lacks field '{name}': aggregator and site run "
+                               "different fedhealth versions?")
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise InstructionError(f"instruction field '{name}' must be a {kind.__name__}, got "
+                               f"{type(value).__name__}")
+    return value  # type: ignore[return-value]  # an int where a float was asked
 
 
 def build_reply(key: SiteKey, instruction: Instruction, tensors: Mapping[str, np.ndarray],

@@ -11,7 +11,11 @@ import tempfile
 from types import TracebackType
 from typing import Protocol
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import (  # type: ignore[import-untyped]  # no stubs shipped with protobuf
+    descriptor_pb2,
+    descriptor_pool,
+    message_factory,
+)
 
 
 def _ckks_vector_proto() -> type:
