@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedhealth.app.demo import DEMO_CONFIG, DEMO_IMAGES_PER_SITE, DEMO_SITES
-from fedhealth.app.simulation import simulate
+from fedhealth.app.simulation import LocalSuperLink, local_superlink, simulate
 from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto.keys import init_key_files
 from fedhealth.core.synth import synthesize_federation
@@ -30,9 +30,10 @@ from fedhealth.core.synth import synthesize_federation
 TARGET_RATIO = 1.3
 
 
-def round_seconds(config: RunConfig) -> tuple[list[float], dict[str, object]]:
+def round_seconds(config: RunConfig,
+                  superlink: LocalSuperLink) -> tuple[list[float], dict[str, object]]:
     """One federation run: the wall time of each round >= 1, and the run's results."""
-    results = simulate(config)
+    results = simulate(config, superlink=superlink)
     rounds = sorted((int(r), float(s)) for r, s in results["round_seconds"].items() if int(r) >= 1)
     return [s for _, s in rounds], results
 
@@ -75,11 +76,13 @@ def main() -> None:
                        data_dir=str(work / "hospitals"), key_dir=str(work / "keys"))
         configs = [replace(base, encrypted=encrypted) for encrypted in (True, False)]
         measured: dict[bool, list[tuple[list[float], dict[str, object]]]] = {True: [], False: []}
-        for repeat in range(args.repeats):
-            for config in configs:
-                out = work / f"{'encrypted' if config.encrypted else 'plaintext'}-{repeat}"
-                measured[config.encrypted].append(round_seconds(
-                    replace(config, out_dir=str(out), state_dir=str(out / "state"))))
+        with local_superlink() as superlink:  # one SuperLink for every run, stopped at the end
+            for repeat in range(args.repeats):
+                for config in configs:
+                    out = work / f"{'encrypted' if config.encrypted else 'plaintext'}-{repeat}"
+                    measured[config.encrypted].append(round_seconds(
+                        replace(config, out_dir=str(out), state_dir=str(out / "state")),
+                        superlink))
         runs = [summarize(c, measured[c.encrypted]) for c in configs]
     load_after = os.getloadavg()
     encrypted, plaintext = runs

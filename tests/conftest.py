@@ -1,6 +1,9 @@
 """Shared fixtures, written once per test session: a small synthetic federation and one
 federation's CKKS key files. Both are read-only for tests."""
 
+import random
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,42 @@ def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def site_key(key_dir: Path) -> SiteKey:
     return load_site_context(key_dir / "site.ctx")
+
+
+def _ephemeral_ports() -> range:
+    """The range the kernel hands out for port-0 binds and outgoing connections."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Ports for servers a test starts itself (SuperLink, SuperNode runtime APIs).
+
+    A port found free by binding port 0 comes from the ephemeral range, where any process's
+    outgoing connection or port-0 bind can take it before our server binds it. These come from
+    below that range (random, so concurrent sessions differ; never the same one twice here) and
+    are bindable at the time they are handed out.
+    """
+    ephemeral = _ephemeral_ports()
+    handed_out: set[int] = set()
+    candidates = [p for p in range(20000, 32768) if p not in ephemeral]
+    rng = random.Random()
+
+    def pick() -> int:
+        for port in rng.sample(candidates, len(candidates)):
+            if port in handed_out:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            handed_out.add(port)
+            return port
+        raise RuntimeError("no free port in 20000-32767")
+
+    return pick
