@@ -202,8 +202,10 @@ class EncryptedFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the valid replies' ciphertexts and a_k; keep the old global below min_replies."""
-        candidates = self._one_layout(server_round, self.screen.screen(
-            replies, self._asked, MessageType.TRAIN, server_round, array_record=wire.UPDATE))
+        screened = self.screen.screen(replies, self._asked, MessageType.TRAIN, server_round,
+                                      array_record=wire.UPDATE)
+        _log_refused_globals(TRAIN, server_round, screened)
+        candidates = self._one_layout(server_round, screened)
         summed = sum_updates(
             self.key, [reply.content[wire.UPDATE] for reply, _ in candidates],  # type: ignore[misc]
             expected_sizes=self.current.chunk_sizes if self.current else None,
@@ -263,6 +265,7 @@ class EncryptedFedAvg(FedAvg):
         """Record each valid reply's metrics and return their weighted mean."""
         accepted = self.screen.screen(replies, self._asked, MessageType.EVALUATE, server_round,
                                       array_record=None)
+        _log_refused_globals(EVALUATE, server_round, accepted)
         for reply in accepted:
             self.screen.record(EVALUATE, reply)
         self.history.round_closed(EVALUATE, server_round)
@@ -277,3 +280,14 @@ class EncryptedFedAvg(FedAvg):
         aggregate = self.train_metrics_aggr_fn if kind == TRAIN else self.evaluate_metrics_aggr_fn
         return aggregate(metric_contents(replies), self.weighted_by_key)
 
+
+
+def _log_refused_globals(kind: str, server_round: int, replies: list[CheckedReply]) -> None:
+    """Sites say when a global failed its check values (and that they used their last accepted
+    one); the aggregator cannot decrypt to see which reply spoiled it, so it says which round."""
+    for reply in replies:
+        refused = reply.content.config_records[wire.CRYPTO].get(wire.REFUSED_GLOBAL)
+        if type(refused) is int and refused > 0:
+            log(WARNING, "round %d %s: site %s refused the global of round %d (its check values "
+                "failed) and used the last global it accepted", server_round, kind, reply.site,
+                refused)

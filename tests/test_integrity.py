@@ -220,9 +220,10 @@ def test_stale_round_one_ciphertexts_are_detected_at_sites(fed_keys: Path, tmp_p
     assert_detected_then_recovered(sites, strategy)
 
 
-def test_single_bit_flips_are_refused_or_below_tolerance(fed_keys: Path) -> None:
-    """40 random single-bit flips in a 2-site sum: each is refused when parsed or decrypted, or
-    (low bits of a coefficient) moves no value by more than the check tolerance."""
+def test_every_single_bit_flip_is_refused_or_detected(fed_keys: Path) -> None:
+    """40 random single-bit flips in a 2-site sum: each is refused when parsed, or fails the
+    check values (ciphertexts are in NTT form: one bit scrambles the whole polynomial). An
+    undetected flip would have to move no value by more than the check tolerance."""
     key = load_site_context(fed_keys / wire.SITE_KEY_FILE)
     aggregator = load_aggregator_context(fed_keys / wire.AGGREGATOR_KEY_FILE)
     tensors = random_tensors(1, width=3000)
@@ -250,7 +251,7 @@ def test_single_bit_flips_are_refused_or_below_tolerance(fed_keys: Path) -> None
         outcomes["harmless"] += 1
         for name in tensors:
             assert np.max(np.abs(got[name] - clean[name])) <= 2 * CHECK_TOLERANCE, bit
-    assert outcomes["detected"] > 0 and sum(outcomes.values()) == 40, outcomes
+    assert outcomes["harmless"] == 0 and outcomes["detected"] > 30, outcomes
 
 
 # ------------------------------------------------------------ signatures, at the aggregator

@@ -8,9 +8,10 @@ is what the protocol promises. The last `CHECK_VALUES` values of every ciphertex
 c derived from (training id, round, ciphertext index) that every site knows; a site encrypts
 a_k * c there like any other value. The honest sum then decrypts to s * c in those slots, with
 s = sum a_k, which the aggregator states. After decrypting, a site compares: a ciphertext made
-under another secret key decrypts to noise of huge magnitude, a changed bit shifts every slot of
-its ciphertext by the same amount, a site that multiplied by another weight moves s, and a
-ciphertext made for another round or position carries other constants. Each fails the check.
+under another secret key decrypts to noise of huge magnitude; SEAL keeps ciphertexts in NTT form,
+so one changed bit scrambles every coefficient of its polynomial and the whole ciphertext
+decrypts to noise; a site that multiplied by another weight moves s; a ciphertext made for
+another round or position carries other constants. Each fails the check.
 What it cannot catch: a site that knows the protocol can encrypt correct check values beside
 poisoned data (CKKS is malleable; these are not a MAC), and perturbations below the tolerance.
 """
@@ -34,8 +35,8 @@ CHECK_VALUES = 4
 """Values reserved at the end of every ciphertext (0.1% of `default`'s 4096)."""
 CHECK_TOLERANCE = 1e-6
 """Largest |decrypted - s * c| accepted. CKKS noise at scale 2^40 is ~1e-9 per value and grows
-with the square root of the number of sites; a bit flip that moves values by less than this is
-not detected, and moves every value of its ciphertext by less than this."""
+with the square root of the number of sites. A change to the sum that moves the values of a
+ciphertext by less than this would go unnoticed (and is then that small)."""
 
 
 class IntegrityError(ValueError):
