@@ -74,7 +74,7 @@ def load_checkpoint(directory: Path) -> tuple[EncryptedGlobal, dict[str, object]
     try:
         body = verified_body(path.read_bytes(), str(path))
     except ChecksumError as exc:
-        raise CheckpointDamaged(path, str(exc).removeprefix(f"{path} ")) from None
+        raise CheckpointDamaged(path, exc.problem) from None
     except OSError as exc:
         raise CheckpointDamaged(path, f"it cannot be read ({exc.strerror})") from None
     meta, blobs = _read_archive(path, body)

@@ -13,11 +13,13 @@ from fedhealth.core.crypto.keyfile import KeyFileError, params_only
 from fedhealth.core.crypto.keys import (
     AGGREGATOR_FILE,
     SITE_FILE,
+    SigningKey,
     init_key_files,
     load_aggregator_context,
     load_site_context,
 )
 from fedhealth.core.crypto.presets import CkksPreset, HeadroomError, get_preset
+from fedhealth.core.crypto.signing import ReplyFacts, ReplyVerifier, SignatureError
 
 
 def test_site_file_is_private_and_aggregator_file_has_no_keys(key_dir: Path) -> None:
@@ -97,3 +99,30 @@ def test_keys_init_command(tmp_path: Path) -> None:
     assert load_aggregator_context(tmp_path / AGGREGATOR_FILE).fingerprint == fingerprint
     again = CliRunner().invoke(app, ["keys", "init", "--out", str(tmp_path)])
     assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_keys_init_writes_signing_keys_for_simulated_sites(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["keys", "init", "--out", str(tmp_path),
+                                      "--sites", "hospital-1, hospital-2"])
+    assert result.exit_code == 0, result.output
+    for site in ("hospital-1", "hospital-2"):
+        private = tmp_path / "node-keys" / f"{site}.key"
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+        signer = SigningKey.load(private, site)
+        facts = ReplyFacts("train", "t", 1, "n", site, "", 5, 0.5)
+        ReplyVerifier.from_key_dir(tmp_path).verify(facts, signer.sign(facts))  # type: ignore[union-attr]
+    with pytest.raises(SignatureError, match="not hospital-2's"):
+        ReplyVerifier.from_key_dir(tmp_path).verify(  # type: ignore[union-attr]
+            ReplyFacts("train", "t", 1, "n", "hospital-2", "", 5, 0.5),
+            SigningKey.load(tmp_path / "node-keys" / "hospital-1.key", "hospital-1").sign(
+                ReplyFacts("train", "t", 1, "n", "hospital-1", "", 5, 0.5)))
+
+
+def test_key_file_without_checksum_is_refused_with_the_fix(key_dir: Path, tmp_path: Path) -> None:
+    raw = (key_dir / SITE_FILE).read_bytes()
+    old = raw.replace(b"fedhealth-ckks-key/2\n", b"fedhealth-ckks-key/1\n", 1)[:-83]
+    path = tmp_path / "old.ctx"
+    path.write_bytes(old)
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match=r"old.ctx: a key file of format 1.*keys init"):
+        load_site_context(path)

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX
-from sites.personal_store import PersonalStore, PersonalStoreError
+from sites.personal_store import ACCEPTED_GLOBAL, PersonalStore, PersonalStoreError
 
 TENSORS = {
     "features.norm0.weight": np.linspace(0, 1, 16, dtype=np.float32),
@@ -86,3 +86,25 @@ def test_unsafe_site_names_stay_inside_the_state_dir(tmp_path: Path) -> None:
     store = _store(_context(), tmp_path, site="../../etc")
     store.save(TENSORS)
     assert tmp_path in store.path.parents
+
+
+def test_truncated_file_names_itself_and_the_fix(tmp_path: Path) -> None:
+    store = _store(_context(), tmp_path)
+    store.save(TENSORS)
+    assert store.path is not None
+    store.path.write_bytes(store.path.read_bytes()[:40])
+    with pytest.raises(PersonalStoreError, match=r"run-1\.npz.*Delete the file"):
+        _store(_context(), tmp_path).load()
+
+
+def test_the_accepted_global_is_kept_apart_from_the_personal_layers(tmp_path: Path) -> None:
+    context = _context()
+    personal = _store(context, tmp_path)
+    accepted = PersonalStore(context.state, tmp_path, run_key="1", site="hospital-a",
+                             kind=ACCEPTED_GLOBAL)
+    personal.save(TENSORS)
+    accepted.save({"w": np.ones(3)})
+    assert accepted.path is not None and accepted.path.parent.parent.name == ACCEPTED_GLOBAL
+    _assert_same(personal.load(), TENSORS)
+    _assert_same(PersonalStore(None, tmp_path, run_key="1", site="hospital-a",
+                               kind=ACCEPTED_GLOBAL).load(), {"w": np.ones(3)})

@@ -13,7 +13,14 @@ _TRAILER_SIZE = len(_PREFIX) + 64 + 1  # prefix, hex digest, newline
 
 
 class ChecksumError(ValueError):
-    """The content does not match its checksum: the file is truncated or damaged."""
+    """The content does not match its checksum: the file is truncated or damaged.
+
+    `problem` says what is wrong without naming the file, for callers that name it themselves.
+    """
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.problem = problem
 
 
 def with_checksum(body: bytes) -> bytes:
@@ -25,10 +32,10 @@ def verified_body(data: bytes, source: str) -> bytes:
     """The body of `data` once its trailer matches; ChecksumError naming `source` otherwise."""
     body, trailer = data[:-_TRAILER_SIZE], data[-_TRAILER_SIZE:]
     if len(data) < _TRAILER_SIZE or not trailer.startswith(_PREFIX) or not trailer.endswith(b"\n"):
-        raise ChecksumError(f"{source} has no fedhealth checksum trailer: it is truncated, "
-                            "damaged, or not a file fedhealth wrote")
+        raise ChecksumError(source, "it has no fedhealth checksum trailer: it is truncated, "
+                                    "damaged, or not a file this fedhealth version wrote")
     expected = hashlib.sha256(body).hexdigest().encode()
     if trailer[len(_PREFIX):-1] != expected:
-        raise ChecksumError(f"{source} does not match its sha256 checksum: the file is damaged "
-                            "(a changed byte or bit)")
+        raise ChecksumError(source, "it does not match its sha256 checksum: a byte or bit of "
+                                    "it changed")
     return body
