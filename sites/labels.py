@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhealth.core.crypto.wire import LABELS_FILE
 from sites.data_limits import DEFAULT_NUM_CLASSES
 from sites.dicom_files import DicomImage, SiteDataError, Skipped
 
-LABELS_FILE = "labels.csv"
 KEYS = ("SOPInstanceUID", "StudyInstanceUID")
 # Python's int() also reads "1_0" (10), "٣" (3), " +1" and "1e20" is a float: labels are plain ASCII.
 _PLAIN_INTEGER = re.compile(r"[0-9]+", re.ASCII)
@@ -91,7 +91,8 @@ def read_labels(path: Path, *, site_dir: Path,
 def _row(line: int, record: dict[str | None, object], path: Path, inside: Path,
          num_classes: int) -> LabelRow:
     """One manifest row, or ValueError with what is wrong with it."""
-    key = next((k for k in KEYS if isinstance(record.get(k), str) and record[k].strip()), None)
+    uids = {k: v.strip() for k in KEYS if isinstance(v := record.get(k), str) and v.strip()}
+    key = next((k for k in KEYS if k in uids), None)
     if key is None:
         raise ValueError(f"no {' or '.join(KEYS)}")
     text = record.get("label")
@@ -107,7 +108,7 @@ def _row(line: int, record: dict[str | None, object], path: Path, inside: Path,
     if not target.is_relative_to(inside):
         raise ValueError(f"mask path {mask!r} resolves to {target}, outside the site folder "
                          f"{inside}: masks must be files inside it")
-    return LabelRow(line, key, str(record[key]).strip(), int(text), mask_path)
+    return LabelRow(line, key, uids[key], int(text), mask_path)
 
 
 def mask_problem(path: Path, image: DicomImage) -> str | None:

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.signing import private_key_path
 from sites.data_limits import DataLimits, DataLimitsError
 from sites.disclosure import DisclosureError, MetricDisclosure
 
-SITE_KEY_FILE = "site.ctx"
 # The site's own log of failures: the detail behind the reference an error reply carries.
 ERROR_LOG_FILE = "errors.jsonl"
+# The optional node config keys that set the site's limits (site.toml: the same names under [site]).
+LIMIT_KEYS = ("max-image-mb", "num-classes", "metric-decimals", "withhold-metrics", "count-step")
 
 
 class SiteSettingsError(ValueError):
@@ -52,7 +54,7 @@ def resolve_site(node_config: Mapping[str, object], config: RunConfig) -> SiteSe
     if "data-dir" in node_config:
         return _deployed_site(node_config)
     if "partition-id" in node_config:
-        return _simulated_site(int(node_config["partition-id"]), config)  # type: ignore[arg-type]
+        return _simulated_site(int(str(node_config["partition-id"])), config)
     raise SiteSettingsError(
         "node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation); "
         "start the site with `fedhealth site start --config site.toml`")
@@ -75,27 +77,34 @@ def _deployed_site(node_config: Mapping[str, object]) -> SiteSettings:
         signing_key=Path(str(node_config["node-key"])) if node_config.get("node-key") else None,
         state_dir=state_dir,
         audit_log=Path(str(node_config.get("audit-log", state_dir / "audit.jsonl"))),
-        limits=_limits(node_config),
-        disclosure=_disclosure(node_config),
+        limits=data_limits(node_config),
+        disclosure=metric_disclosure(node_config),
     )
 
 
 def _number(node_config: Mapping[str, object], key: str, kind: type[int] | type[float]) -> object:
-    """An optional number from the node config (None when absent), or SiteSettingsError."""
+    """An optional number from the node config (None when absent), or SiteSettingsError.
+
+    Flower passes `key=3` as an int and `key="3"` as a string: both are read; 2.5 is no integer.
+    """
     value = node_config.get(key)
     if value is None or value == "":
         return None
     try:
-        number = kind(value)  # type: ignore[arg-type]
-        if isinstance(value, bool) or (kind is int and number != float(value)):  # type: ignore[arg-type]
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError
-    except (TypeError, ValueError):
-        raise SiteSettingsError(f"node config '{key}' must be {'an integer' if kind is int else 'a number'}, "
-                                f"got {value!r}; check site.toml") from None
+        number = kind(value)
+        if number != float(value):
+            raise ValueError
+    except ValueError:
+        raise SiteSettingsError(f"node config '{key}' must be "
+                                f"{'an integer' if kind is int else 'a number'}, got {value!r}; "
+                                "check site.toml") from None
     return number
 
 
-def _limits(node_config: Mapping[str, object]) -> DataLimits:
+def data_limits(node_config: Mapping[str, object]) -> DataLimits:
+    """`max-image-mb` and `num-classes` of the node config (defaults where absent)."""
     values = {name: _number(node_config, key, kind) for name, key, kind in (
         ("max_image_mb", "max-image-mb", float), ("num_classes", "num-classes", int))}
     try:
@@ -104,7 +113,8 @@ def _limits(node_config: Mapping[str, object]) -> DataLimits:
         raise SiteSettingsError(f"node config: {err}; check site.toml") from None
 
 
-def _disclosure(node_config: Mapping[str, object]) -> MetricDisclosure:
+def metric_disclosure(node_config: Mapping[str, object]) -> MetricDisclosure:
+    """`metric-decimals`, `withhold-metrics` and `count-step` of the node config."""
     withheld = str(node_config.get("withhold-metrics", "") or "")
     count_step = _number(node_config, "count-step", int)
     try:
@@ -137,7 +147,7 @@ def _simulated_site(partition_id: int, config: RunConfig) -> SiteSettings:
         name=data_dir.name,
         data_dir=data_dir,
         labels=None,
-        key_file=Path(config.key_dir) / SITE_KEY_FILE,
+        key_file=Path(config.key_dir) / wire.SITE_KEY_FILE,
         signing_key=_simulated_signing_key(Path(config.key_dir), data_dir.name),
         state_dir=state_dir,
         audit_log=state_dir / "audit.jsonl",

@@ -116,3 +116,28 @@ def test_site_settings_are_parsed_and_refused_with_the_key(tmp_path: Path) -> No
                              ("metric-decimals", 99, "0..15"), ("count-step", 0, "positive")]:
         with pytest.raises(SiteSettingsError, match=f"{key}.*{says}"):
             resolve_site({**base, key: value}, CONFIG)
+
+
+def test_site_toml_limits_reach_the_node_config_and_the_preflight(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    from fedhealth.app.deployment.bundles import init_federation
+    from fedhealth.app.deployment.site_config import SiteConfigError, load_site_config, preflight
+    from fedhealth.core.synth import synthesize_federation
+
+    synthesize_federation(tmp_path / "data", 1, 3, images_per_site=8)
+    init_federation("t", ["a"], "127.0.0.1:9093", tmp_path / "fed")
+    toml = tmp_path / "fed" / "a" / "site.toml"
+    text = toml.read_text().replace(
+        'data-dir = ""', f'data-dir = "{tmp_path / "data" / "hospital-1"}"\nmax-image-mb = 0.001\n'
+                         'metric-decimals = 2\nwithhold-metrics = "accuracy"')
+    toml.write_text(text)
+    config = load_site_config(toml)
+    site = resolve_site(parse_config_args([config.node_config()]), CONFIG)  # as Flower passes it
+    assert site.limits == DataLimits(max_image_mb=0.001)
+    assert site.disclosure == MetricDisclosure(2, frozenset({"accuracy"}))
+    with pytest.raises(SiteConfigError, match="no usable labeled image"):
+        preflight(config)  # every 64 x 64 16-bit image (8192 bytes) is over 0.001 MB
+    toml.write_text(text.replace("metric-decimals = 2", "metric-decimals = 99"))
+    with pytest.raises(SiteConfigError, match=r"\[site\] .*metric-decimals must be 0..15"):
+        load_site_config(toml)

@@ -5,7 +5,7 @@ Every problem is reported with the field, the file and what to do, so a site fai
 """
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhealth.app.deployment import pki
@@ -13,6 +13,7 @@ from fedhealth.app.deployment.bundles import DEFAULT_RUNTIME_PORT, BundleError, 
 from fedhealth.core.crypto.keys import KeyFileError, load_site_context
 from sites.dataset import SiteDataError
 from sites.site_check import SiteReport, check_site
+from sites.site_settings import LIMIT_KEYS, SiteSettingsError, data_limits, metric_disclosure
 
 
 class SiteConfigError(ValueError):
@@ -34,6 +35,7 @@ class SiteConfig:
     node_private_key: Path
     he_context: Path
     runtime_port: int
+    limits: dict[str, object] = field(default_factory=dict)  # [site] LIMIT_KEYS that are set
 
     def node_config(self) -> str:
         """Flower `--node-config` string: what the ClientApp reads from `context.node_config`."""
@@ -42,6 +44,7 @@ class SiteConfig:
                   "node-key": self.node_private_key}  # also signs the site's replies
         if self.labels:
             values["labels"] = self.labels
+        values.update(self.limits)
         return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 
@@ -84,6 +87,12 @@ def load_site_config(path: Path) -> SiteConfig:
     except BundleError as err:
         raise SiteConfigError(f"{path}: [superlink] address: {err}") from err
     runtime_port = _value(table, "supernode", "runtime-port", path, int, required=False)
+    site = table.get("site")
+    limits = {k: site[k] for k in LIMIT_KEYS if isinstance(site, dict) and k in site}
+    try:  # checked here, so a wrong value stops `site start` rather than every round
+        data_limits(limits), metric_disclosure(limits)
+    except SiteSettingsError as err:
+        raise SiteConfigError(f"{path}: [site] {err}") from err
     return SiteConfig(
         source=path.resolve(),
         name=text("site", "name"),
@@ -96,6 +105,7 @@ def load_site_config(path: Path) -> SiteConfig:
         node_private_key=file("keys", "node-private-key"),
         he_context=file("keys", "he-context"),
         runtime_port=runtime_port if isinstance(runtime_port, int) else DEFAULT_RUNTIME_PORT,
+        limits=limits,
     )
 
 
@@ -113,7 +123,7 @@ def preflight(config: SiteConfig) -> SiteReport:
     except (pki.PkiError, KeyFileError) as err:
         raise SiteConfigError(f"{config.source}: {err}") from err
     try:
-        report = check_site(config.data_dir, config.labels)
+        report = check_site(config.data_dir, config.labels, limits=data_limits(config.limits))
     except SiteDataError as err:
         raise SiteConfigError(f"{config.source}: [site] data-dir: {err}") from err
     if report.images == 0:
