@@ -87,4 +87,5 @@ def test_site_start_fails_fast_before_any_connection(site: Path) -> None:
     (site / "node.key").chmod(0o644)
     result = CliRunner().invoke(app, ["site", "start", "--config", str(site / "site.toml")])
     assert result.exit_code == 2
-    assert "chmod 600" in result.output
+    assert not (site / "state").exists()  # stopped before the preflight's end, nothing started
+    assert "chmod 600" in result.output  # and the message names the fix
