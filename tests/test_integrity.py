@@ -187,8 +187,9 @@ def test_foreign_key_with_our_fingerprint_is_detected(fed_keys: Path, tmp_path: 
     def foreign_update(site: Site, reply: RecordDict, exchange: EncryptedExchange) -> None:
         reply[wire.UPDATE] = encrypt_update(foreign, site.target, exchange.instruction.site_weight,
                                             binding=exchange.instruction.binding)
+        resign(site, reply, exchange)  # a registered site with a wrong site.ctx signs what it sends
     bad.tamper_in[2] = foreign_update
-    strategy = run_rounds(fed_keys, sites, 4, signed=False)
+    strategy = run_rounds(fed_keys, sites, 4, signed=True)
     assert not strategy.history.rejections  # the aggregator cannot tell: same fingerprint
     assert_detected_then_recovered(sites, strategy)
 
