@@ -221,6 +221,23 @@ def test_stale_round_one_ciphertexts_are_detected_at_sites(fed_keys: Path, tmp_p
     assert_detected_then_recovered(sites, strategy)
 
 
+def test_unsigned_bit_flip_in_an_update_is_detected_at_sites(fed_keys: Path,
+                                                            tmp_path: Path) -> None:
+    """A flip the aggregator's parsing cannot see (in a coefficient) reaches the sum unsigned;
+    every honest site refuses that global and the next round recovers."""
+    sites = make_sites(fed_keys, tmp_path)
+
+    def flip_bit(site: Site, reply: RecordDict, exchange: EncryptedExchange) -> None:
+        blobs = wire.record_to_ciphertexts(reply[wire.UPDATE])
+        middle = len(blobs[0]) // 2
+        blobs[0] = blobs[0][:middle] + bytes([blobs[0][middle] ^ 0x04]) + blobs[0][middle + 1:]
+        reply[wire.UPDATE] = wire.ciphertexts_to_record(blobs)
+    sites[3].tamper_in[2] = flip_bit
+    strategy = run_rounds(fed_keys, sites, 4, signed=False)
+    assert not strategy.history.rejections  # parses, right size, scale and level: summed
+    assert_detected_then_recovered(sites, strategy)
+
+
 def test_every_single_bit_flip_is_refused_or_detected(fed_keys: Path) -> None:
     """40 random single-bit flips in a 2-site sum: each is refused when parsed, or fails the
     check values (ciphertexts are in NTT form: one bit scrambles the whole polynomial). An
@@ -362,7 +379,7 @@ def _rewritten(path: Path, drop: str | None = None, **meta: object) -> None:
     path.write_bytes(with_checksum(buffer.getvalue()))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "bit flip", "missing ct-00000",
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "bit flip", "missing ct-00000",
                                     "weight sum 0", "weight sum nan", "round as text",
                                     "no checksum"])
 def test_damaged_checkpoint_gives_the_one_damaged_error(tmp_path: Path, key_dir: Path,
@@ -371,6 +388,8 @@ def test_damaged_checkpoint_gives_the_one_damaged_error(tmp_path: Path, key_dir:
     raw = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(raw[:len(raw) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
     elif damage == "garbage":
         path.write_bytes(os.urandom(len(raw)))
     elif damage == "bit flip":
