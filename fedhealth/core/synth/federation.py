@@ -1,7 +1,8 @@
 """Synthesize a federation: one folder of DICOM studies and a labels.csv per hospital.
 
-Non-IID on purpose, each knob separately: label skew (per-site prevalence), scanner shift (vendors,
-see `vendors.py`) and size skew (images per site). Everything derives from the seed, so two runs
+Non-IID on purpose: a `Scenario` (see `scenarios.py`) fixes each hospital's size, prevalence,
+vendor (`vendors.py`) and labelling protocol; the knobs label skew, scanner shift and size skew
+build one too. Everything derives from the seed, so two runs
 with the same arguments write byte-identical files.
 """
 
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
+from fedhealth.core.crypto.wire import LABELS_FILE
 from fedhealth.core.synth.dicom import ImageIds, write_image
 from fedhealth.core.synth.phantom import render
-from fedhealth.core.synth.vendors import Vendor, vendor_for_site
+from fedhealth.core.synth.scenarios import Scenario, SiteDesign, knob_scenario
 
-LABELS_FILE = "labels.csv"
 MASKS_DIR = "masks"
 
 
@@ -36,7 +37,7 @@ class SiteSummary:
     manufacturer: str
     model: str
     photometric: str
-    prevalence: float = field(repr=False)
+    prevalence: float = field(repr=False)  # share labelled 1
 
 
 def synthesize_federation(
@@ -52,59 +53,54 @@ def synthesize_federation(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> list[SiteSummary]:
-    """Write `out/hospital-<k>/` for k = 1..sites and return what each holds.
-
-    An existing, non-empty hospital folder is refused (stale files from other settings would
-    mix in), or replaced whole with `overwrite`.
+    """Write `out/hospital-<k>/` for k = 1..sites from the generator's knobs; see `synthesize`.
 
     label_skew in [0, 1]: 0 gives every site 50% prevalence, 1 spreads them from 5% to 95%.
-    scanner_shift >= 0: 0 gives every site the same vendor. `progress` is called with 1 per image.
+    scanner_shift >= 0: 0 gives every site the same vendor.
     """
-    counts = _images_per_site(images_per_site, sites)
+    counts = images_per_site if isinstance(images_per_site, int) else tuple(images_per_site)
+    scenario = knob_scenario(sites, counts, label_skew, scanner_shift)
+    return synthesize(out, scenario, seed, image_size=image_size,
+                      segmentation_masks=segmentation_masks, overwrite=overwrite,
+                      progress=progress)
+
+
+def synthesize(out: Path, scenario: Scenario, seed: int, *, image_size: int = 64,
+               segmentation_masks: bool = False, overwrite: bool = False,
+               progress: Callable[[int], None] | None = None) -> list[SiteSummary]:
+    """Write one `out/hospital-<k>/` per site of `scenario` and return what each holds.
+
+    An existing, non-empty hospital folder is refused (stale files from other settings would
+    mix in), or replaced whole with `overwrite`. `progress` is called with 1 per image.
+    """
     if not 64 <= image_size <= 256:
         raise ValueError(f"image_size must be between 64 and 256, got {image_size}")
-    if not 0 <= label_skew <= 1:
-        raise ValueError(f"label_skew must be in [0, 1], got {label_skew}")
-    width = len(str(sites))
-    site_dirs = [out / f"hospital-{k + 1:0{width}d}" for k in range(sites)]
+    width = len(str(len(scenario.sites)))
+    site_dirs = [out / f"hospital-{k + 1:0{width}d}" for k in range(len(scenario.sites))]
     for site_dir in site_dirs:
         if site_dir.exists() and any(site_dir.iterdir()):
             if not overwrite:
                 raise FileExistsError(f"{site_dir} is not empty: choose another output folder, "
                                       "or overwrite it (--overwrite)")
             shutil.rmtree(site_dir)
-    summaries = []
-    for k in range(sites):
-        spread = 0.0 if sites == 1 else 2 * k / (sites - 1) - 1
-        summaries.append(_write_site(
-            site_dirs[k], k, seed, counts[k], image_size,
-            prevalence=0.5 + 0.45 * label_skew * spread,
-            vendor=vendor_for_site(k, scanner_shift),
-            masks=segmentation_masks, progress=progress,
-        ))
-    return summaries
+    return [_write_site(site_dir, k, seed, design, image_size, scenario,
+                        masks=segmentation_masks, progress=progress)
+            for k, (site_dir, design) in enumerate(zip(site_dirs, scenario.sites))]
 
 
-def _images_per_site(images_per_site: int | Sequence[int], sites: int) -> list[int]:
-    if sites < 1:
-        raise ValueError(f"sites must be >= 1, got {sites}")
-    counts = [images_per_site] * sites if isinstance(images_per_site, int) else list(images_per_site)
-    if len(counts) != sites:
-        raise ValueError(f"images_per_site has {len(counts)} entries for {sites} sites")
-    if min(counts) < 1:
-        raise ValueError(f"every site needs at least one image, got {counts}")
-    return counts
-
-
-def _write_site(site_dir: Path, index: int, seed: int, n_images: int, size: int, *,
-                prevalence: float, vendor: Vendor, masks: bool,
+def _write_site(site_dir: Path, index: int, seed: int, design: SiteDesign, size: int,
+                scenario: Scenario, *, masks: bool,
                 progress: Callable[[int], None] | None) -> SiteSummary:
-    """One hospital: patients with 1-3 single-image studies each, labels shuffled at `prevalence`."""
+    """One hospital: patients with 1-3 single-image studies each, nodules shuffled at the design's
+    prevalence and labelled by its protocol."""
     rng = np.random.default_rng([seed, index])
     name = site_dir.name
-    labels = np.zeros(n_images, dtype=np.int64)
-    labels[: round(prevalence * n_images)] = 1
-    rng.shuffle(labels)
+    n_images, vendor = design.images, design.vendor
+    shows_nodule = np.zeros(n_images, dtype=bool)
+    shows_nodule[: round(design.prevalence * n_images)] = True
+    rng.shuffle(shows_nodule)
+    radii = np.where(shows_nodule, rng.uniform(*scenario.nodule_mm, n_images), 0.0)
+    labels = (shows_nodule & (radii >= design.positive_from_mm)).astype(np.int64)
 
     def uid(*parts: object) -> str:
         return generate_uid(entropy_srcs=[str(seed), name, *map(str, parts)])
@@ -125,7 +121,8 @@ def _write_site(site_dir: Path, index: int, seed: int, n_images: int, size: int,
                 sop_uid=uid("image", image), study_date=study_day.strftime("%Y%m%d"),
                 accession=f"ACC{index + 1}{image:07d}", institution=name,
             )
-            picture = render(rng, size, vendor, finding=bool(labels[image]))
+            picture = render(rng, size, vendor, float(radii[image]) or None,
+                             scenario.nodule_contrast)
             write_image(site_dir / "export" / folder / ids.study_date / f"IM{study:04d}{vendor.file_suffix}",
                      picture, vendor, ids)
             row = {"StudyInstanceUID": ids.study_uid, "SOPInstanceUID": ids.sop_uid,
@@ -147,4 +144,5 @@ def _write_site(site_dir: Path, index: int, seed: int, n_images: int, size: int,
         writer.writerows(rows)
     return SiteSummary(name, n_images, patients, n_images,
                        {c: int((labels == c).sum()) for c in (0, 1)},
-                       vendor.manufacturer, vendor.model, vendor.photometric, prevalence)
+                       vendor.manufacturer, vendor.model, vendor.photometric,
+                       float(labels.mean()))

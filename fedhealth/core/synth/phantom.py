@@ -26,8 +26,10 @@ def pixel_spacing(size: int, vendor: Vendor) -> float:
     return NOMINAL_FOV_MM / size * vendor.spacing_scale
 
 
-def render(rng: np.random.Generator, size: int, vendor: Vendor, finding: bool) -> Radiograph:
-    """Draw body, lungs, mediastinum and texture; add a nodule in a lung when `finding`."""
+def render(rng: np.random.Generator, size: int, vendor: Vendor, nodule_mm: float | None,
+           nodule_contrast: float = 0.3) -> Radiograph:
+    """Draw body, lungs, mediastinum and texture; add a nodule of radius `nodule_mm` in a lung,
+    `nodule_contrast` brighter than its surroundings at its centre (before the vendor's curve)."""
     spacing = pixel_spacing(size, vendor)
     coords = (np.arange(size) - (size - 1) / 2) * spacing
     y, x = np.meshgrid(coords, coords, indexing="ij")
@@ -45,13 +47,13 @@ def render(rng: np.random.Generator, size: int, vendor: Vendor, finding: bool) -
     img += 0.04 * _smooth_noise(rng, size, sigma_px=max(1.0, 8.0 / spacing))
 
     mask = np.zeros((size, size), dtype=np.uint8)
-    if finding:
+    if nodule_mm:
         cx, cy = lungs[rng.integers(2)]
         angle, radius = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.45))
         nx, ny = cx + radius * lung_a * np.cos(angle), cy + radius * lung_b * np.sin(angle)
-        r = rng.uniform(24.0, 40.0)  # mm: large enough to learn from ~100 images a site
+        r = nodule_mm
         d2 = ((x - nx) ** 2 + (y - ny) ** 2) / r**2
-        img += 0.3 * np.clip(1 - d2, 0, None) ** 0.5
+        img += nodule_contrast * np.clip(1 - d2, 0, None) ** 0.5
         mask[d2 < 1] = 1
 
     if vendor.blur_mm > 0:
