@@ -122,18 +122,82 @@ def evaluate_site(policy: Policy, model_name: str, *,
                   global_shared: Mapping[str, np.ndarray] | None,
                   personal: Mapping[str, np.ndarray] | None, splits: Splits,
                   settings: TrainSettings, split: str = "test", seed: int = 0) -> dict[str, float]:
-    """Metrics of the site's model on one of its own splits.
+    """Metrics of the site's model on one of its own splits (see `score_on_site`).
 
     The site's model is global shared + personal tensors; under Ditto it is the personal model once
     one exists (before the first round, the global one).
     """
-    dataset = _require_examples(splits, split)
+    _require_examples(splits, split)
     if policy.personal_model and personal and _has_personal_model(personal):
         model = _personal_model(model_name, personal, {}, splits.num_classes, settings, seed)
     else:
         model, _ = _assemble(policy, model_name, global_shared, personal, splits.num_classes,
                              settings, seed)
-    return evaluate_model(model, dataset, settings, model_spec(model_name).task)
+    return score_on_site(model, splits, settings, model_spec(model_name).task, split=split,
+                         own_statistics=policy.personal_layers == "norm")
+
+
+def score_on_site(model: nn.Module, splits: Splits, settings: TrainSettings,
+                  task: Task = "classification", *, split: str = "test",
+                  own_statistics: bool = False) -> dict[str, float]:
+    """Score `model` on a site's `split` the way that site would deploy it.
+
+    own_statistics: the model's normalisation layers are the site's own (FedBN), so their running
+        statistics are re-estimated on the site's training split for the weights being scored: the
+        stored ones were measured under the site's pre-averaging weights and no longer describe
+        the averaged ones, which shifts every logit (the model ranks images but predicts one class).
+    A binary classifier's operating point is chosen on the site's validation split (the threshold
+    on P(finding) that maximises balanced accuracy there), as a department sets its own; the test
+    split is never used to choose it. AUC does not depend on it.
+    """
+    dataset = _require_examples(splits, split)
+    if own_statistics:
+        estimate_norm_statistics(model, splits.train, settings)
+    threshold = None
+    if task == "classification" and splits.num_classes == 2 and len(splits.val) > 0:
+        threshold = operating_threshold(*_predict(model, splits.val, settings, task))
+    return evaluate_model(model, dataset, settings, task, threshold=threshold)
+
+
+def estimate_norm_statistics(model: nn.Module, dataset: Dataset, settings: TrainSettings) -> None:
+    """Replace every BatchNorm's running mean and variance by those of `dataset` under the current
+    weights (one pass, exact averages rather than a momentum trail). Nothing else changes."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+        m.train()
+    try:
+        with torch.no_grad():
+            for batch in DataLoader(dataset, batch_size=settings.batch_size, num_workers=0):
+                model(batch["image"].to(settings.device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
+def operating_threshold(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The threshold on P(class 1) with the best balanced accuracy on (`logits`, `labels`).
+
+    Ties go to the threshold nearest 0.5 (argmax); a split holding one class gives 0.5.
+    """
+    if labels.unique().numel() < 2:
+        return 0.5
+    scores = logits.softmax(dim=1)[:, 1].double()
+    values = scores.unique()  # sorted
+    candidates = torch.cat([values[:1] - 1e-12, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-12])
+    positive = labels == 1
+    predicted = scores[None, :] >= candidates[:, None]
+    balanced = ((predicted & positive).sum(1) / positive.sum()
+                + (~predicted & ~positive).sum(1) / (~positive).sum()) / 2
+    best = balanced == balanced.max()
+    distance = torch.where(best, (candidates - 0.5).abs(), torch.inf)
+    return float(candidates[distance.argmin()])
 
 
 def train_centrally(model_name: str, dataset: Dataset, settings: TrainSettings, *,
@@ -146,42 +210,82 @@ def train_centrally(model_name: str, dataset: Dataset, settings: TrainSettings, 
 
 
 def evaluate_model(model: nn.Module, dataset: Dataset, settings: TrainSettings,
-                   task: Task = "classification") -> dict[str, float]:
+                   task: Task = "classification", *,
+                   threshold: float | None = None) -> dict[str, float]:
     """Loss and task metrics of `model` on `dataset` (see `classification_metrics`)."""
+    logits, targets = _predict(model, dataset, settings, task)
+    loss = _loss(task)(logits, targets).item()
+    metrics = (classification_metrics(logits, targets, threshold=threshold)
+               if task == "classification" else _dice(logits, targets))
+    return {**metrics, "loss": loss, "num-examples": float(len(targets))}
+
+
+def _predict(model: nn.Module, dataset: Dataset, settings: TrainSettings,
+             task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, targets) of `model` in eval mode over `dataset`, on the CPU."""
     model.eval()
-    loss_fn = _loss(task)
-    losses, outputs, targets = [], [], []
+    outputs, targets = [], []
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=settings.batch_size, num_workers=0):
             x, y = _inputs(batch, task, settings.device)
-            out = model(x)
-            losses.append(loss_fn(out, y).item() * len(x))
-            outputs.append(out.cpu())
+            outputs.append(model(x).cpu())
             targets.append(y.cpu())
-    out, y = torch.cat(outputs), torch.cat(targets)
-    metrics = classification_metrics(out, y) if task == "classification" else _dice(out, y)
-    return {**metrics, "loss": sum(losses) / len(y), "num-examples": float(len(y))}
+    return torch.cat(outputs), torch.cat(targets)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *,
+                           threshold: float | None = None) -> dict[str, float]:
     """Accuracy, balanced accuracy (mean recall over the classes present) and macro one-vs-rest AUC.
 
+    Predictions are the argmax, or for two classes P(class 1) >= `threshold` when one is given.
     AUC is defined only for classes that occur in `labels` alongside other classes; when no class
     qualifies (a split holding one class), AUC is reported as 0.5 (no discrimination shown) and
     `auc_defined` as 0.0, so means across sites stay finite and the gap stays visible.
+    `balanced_accuracy_se` is its bootstrap standard error over the split's images, so whoever
+    compares sites or strategies can tell a difference from test-set luck.
     """
     predicted = logits.argmax(dim=1)
-    present = labels.unique()
-    recalls = [(predicted[labels == c] == c).float().mean().item() for c in present]
+    if threshold is not None and logits.shape[1] == 2:
+        predicted = (logits.softmax(dim=1)[:, 1] >= threshold).long()
     onehot = nn.functional.one_hot(labels, logits.shape[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns for each class that is absent, as intended
         per_class = compute_roc_auc(logits.softmax(dim=1), onehot, average="none")
     defined = [a for a in per_class if not np.isnan(a)]
     return {"accuracy": (predicted == labels).float().mean().item(),
-            "balanced_accuracy": float(np.mean(recalls)),
+            "balanced_accuracy": balanced_accuracy(predicted, labels),
+            "balanced_accuracy_se": bootstrap_se(predicted, labels),
             "auc": float(np.mean(defined)) if defined else 0.5,
             "auc_defined": float(bool(defined))}
+
+
+def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean recall over the classes present in `labels`."""
+    return float(np.mean([(predicted[labels == c] == c).float().mean().item()
+                          for c in labels.unique()]))
+
+
+def bootstrap_se(predicted: torch.Tensor, labels: torch.Tensor, resamples: int = 1000,
+                 seed: int = 0) -> float:
+    """Bootstrap standard error of the balanced accuracy: images resampled with replacement.
+
+    Deterministic for a seed; a resample that lacks a class present in `labels` scores the classes
+    it has, as `balanced_accuracy` would.
+    """
+    n = len(labels)
+    if n < 2:
+        return 0.0
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(n, (resamples, n), generator=generator)
+    right, truth = (predicted == labels)[picks].double(), labels[picks]
+    recalls = []
+    for c in labels.unique():
+        members = (truth == c).double()
+        count = members.sum(dim=1)
+        recalls.append(torch.where(count > 0, (right * members).sum(dim=1) / count.clamp(min=1),
+                                   torch.nan))
+    scores = torch.stack(recalls).nanmean(dim=0)
+    return float(scores.std())
 
 
 def _dice(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
