@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset, Dataset
 
-from fedhealth.app.simulation import simulate
+from fedhealth.app.simulation import local_superlink, simulate
+from fedhealth.app.summary import TARGET_FRACTION, add_rounds_to_target, summarize
 from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.keys import init_key_files
@@ -24,7 +25,7 @@ from fedhealth.core.personalization import POLICY_NAMES
 from fedhealth.core.run_history import EVALUATION_METRICS, mean_metrics, write_json_atomically
 from sites.dataset import SiteSplits, load_site
 from sites.site_settings import simulated_site_dirs
-from sites.training import TrainSettings, evaluate_model, train_centrally
+from sites.training import TrainSettings, score_on_site, train_centrally
 
 BASELINES = ("local", "pooled")
 STRATEGY_NAMES = (*BASELINES, *POLICY_NAMES)
@@ -41,7 +42,9 @@ def parse_strategies(names: str) -> list[str]:
 
 def _train_and_score(train: Dataset, test_sites: Sequence[SiteSplits], config: RunConfig
                      ) -> dict[str, dict[str, float]]:
-    """One model trained on `train` for as many epochs as a federated run gets, scored per site."""
+    """One model trained on `train` for as many epochs as a federated run gets, scored per site
+    as a site scores a federated model (`score_on_site`: its own validation split sets the
+    operating point)."""
     settings = TrainSettings.from_run_config(config)
     task = model_spec(config.model).task
     model = train_centrally(config.model, train, settings, num_classes=test_sites[0].num_classes,
@@ -49,7 +52,7 @@ def _train_and_score(train: Dataset, test_sites: Sequence[SiteSplits], config: R
                             epochs=config.num_server_rounds * config.local_epochs)
     scores = {}
     for site in test_sites:
-        metrics = evaluate_model(model, site.test, settings, task)
+        metrics = score_on_site(model, site, settings, task)
         scores[site.name] = {k: metrics[k] for k in EVALUATION_METRICS if k in metrics}
     return scores
 
@@ -68,12 +71,15 @@ def run_baseline(name: str, sites: Sequence[SiteSplits], config: RunConfig) -> d
 
 def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfig, *,
             repeats: int = 1, plaintext_too: bool = False,
+            target_fraction: float = TARGET_FRACTION,
             on_run: Callable[[str], None] = lambda label: None) -> dict[str, object]:
     """Run every strategy on the federation in `data_dir`, with seeds base.seed .. +repeats-1.
 
     A seed sets the patient split, the initial model and the shuffles; every strategy gets the
     same ones, so differences between rows are the strategies'. Writes and returns
-    `{"runs": [...]}`, one entry per strategy, mode and seed.
+    `{"runs": [...], "summary": [...]}`: one run per strategy, mode and seed, and one summary per
+    strategy and mode (means over seeds with 95% intervals, `fedhealth.app.summary`).
+    Simulated sites share one state folder, so each decodes its DICOM once for the whole grid.
     """
     work = out.parent / f"{out.stem}-runs"
     key_dir = work / "keys"
@@ -83,22 +89,27 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
             public_key_path(key_dir, name).exists() for name in names):
         init_key_files(key_dir, base.crypto_preset, sites=names, overwrite=True)  # our scratch
     runs: list[dict[str, object]] = []
-    for seed in range(base.seed, base.seed + repeats):
-        config = replace(base, seed=seed, data_dir=str(data_dir), key_dir=str(key_dir))
-        for name in strategies:
-            if name in BASELINES:
-                on_run(f"{name} (seed {seed})")
-                sites = [load_site(d, image_size=config.image_size, seed=seed,
-                                   task=model_spec(config.model).task) for d in site_dirs]
-                runs.append({**run_baseline(name, sites, config), "seed": seed})
-                continue
-            for encrypted in (True, False) if plaintext_too else (True,):
-                tag = f"{name}-{'encrypted' if encrypted else 'plaintext'}-seed{seed}"
-                on_run(tag)
-                shutil.rmtree(work / tag, ignore_errors=True)  # our scratch: re-runs start afresh
-                run_config = replace(config, policy=name, encrypted=encrypted,
-                                     out_dir=str(work / tag), state_dir=str(work / tag / "state"))
-                runs.append({**simulate(run_config), "seed": seed})
-    results = {"runs": runs}
+    with local_superlink() as superlink:
+        for seed in range(base.seed, base.seed + repeats):
+            config = replace(base, seed=seed, data_dir=str(data_dir), key_dir=str(key_dir),
+                             state_dir=str(work / "state"))
+            for name in strategies:
+                if name in BASELINES:
+                    on_run(f"{name} (seed {seed})")
+                    sites = [load_site(d, image_size=config.image_size, seed=seed,
+                                       task=model_spec(config.model).task,
+                                       cache_dir=work / "state" / d.name / "cache")
+                             for d in site_dirs]
+                    runs.append({**run_baseline(name, sites, config), "seed": seed})
+                    continue
+                for encrypted in (True, False) if plaintext_too else (True,):
+                    tag = f"{name}-{'encrypted' if encrypted else 'plaintext'}-seed{seed}"
+                    on_run(tag)
+                    shutil.rmtree(work / tag, ignore_errors=True)  # our scratch: re-runs start afresh
+                    run_config = replace(config, policy=name, encrypted=encrypted,
+                                         out_dir=str(work / tag))
+                    runs.append({**simulate(run_config, superlink=superlink), "seed": seed})
+    add_rounds_to_target(runs, target_fraction)
+    results = {"runs": runs, "summary": [s.to_json() for s in summarize(runs)]}
     write_json_atomically(out, results)
     return results

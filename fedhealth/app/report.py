@@ -1,11 +1,13 @@
-"""Show comparison results: a FLamby-style table (strategies x sites) and a plot.
+"""Show comparison results: a FLamby-style table (strategies x sites) and a plot, with intervals.
 
-Runs of one strategy with several seeds are one row: cells are means over seeds, and the mean
-column carries the spread (± one standard deviation over seeds) when there is more than one.
+Cells are means over seeds with their 95% interval (see `fedhealth.app.summary`). Per-site columns
+are shown up to `MAX_SITE_COLUMNS` sites; beyond that a table and bars of a hundred hospitals are
+unreadable, so rows show the mean, the worst site and the spread over sites instead.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import pstdev
 
 import matplotlib
 
@@ -13,101 +15,87 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.table import Table
 
-Run = dict[str, object]
+from fedhealth.app.summary import METRIC, Estimate, Run, StrategySummary, summarize
+
+MAX_SITE_COLUMNS = 6
 
 
-def run_label(run: Run) -> str:
-    """'fedbn (encrypted)', 'fedavg (plaintext)', or just 'local' for non-federated baselines."""
-    mode = run.get("encrypted")
-    return str(run["strategy"]) if mode is None else \
-        f"{run['strategy']} ({'encrypted' if mode else 'plaintext'})"
-
-
-def grouped(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs by label, in the order labels first appear."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run_label(run), []).append(run)
-    return groups
-
-
-def _sites(runs: list[Run]) -> list[str]:
-    return sorted({site for run in runs for site in run["per_site"]})  # type: ignore[union-attr]
-
-
-def _site_mean(group: list[Run], site: str, metric: str) -> float | None:
-    values = [run["per_site"][site][metric] for run in group  # type: ignore[index]
-              if metric in run["per_site"].get(site, {})]  # type: ignore[union-attr]
-    return mean(values) if values else None
-
-
-def _run_mean(group: list[Run], metric: str) -> tuple[float, float] | None:
-    values = [run["mean"][metric] for run in group if metric in run["mean"]]  # type: ignore[index,operator]
-    return (mean(values), pstdev(values)) if values else None
-
-
-def results_table(runs: list[Run], metric: str = "balanced_accuracy") -> Table:
-    """Rows are strategies, columns are sites and their mean, cells are `metric`."""
-    sites = _sites(runs)
-    seeds = max(len(group) for group in grouped(runs).values()) if runs else 0
-    title = f"{metric} on each site's own test split"
-    table = Table(title=title if seeds <= 1 else f"{title}, mean of {seeds} seeds")
-    for column in ("strategy", *sites, "mean", "seconds", "uplink MB/round"):
+def results_table(runs: Sequence[Run], title: str = "") -> Table:
+    """Rows are strategies; columns the sites (or their worst and spread) and the mean."""
+    summaries = summarize(runs)
+    sites = sorted({site for s in summaries for site in s.per_site})
+    seeds = max((s.seeds for s in summaries), default=0)
+    heading = title or f"{METRIC} on each site's own test split"
+    seeds_note = f"mean of {seeds} seeds, " if seeds > 1 else ""
+    table = Table(title=f"{heading} ({seeds_note}± 95% interval over test images)")
+    detail = len(sites) <= MAX_SITE_COLUMNS
+    columns = [*sites] if detail else ["worst site", "spread over sites"]
+    for column in ("strategy", *columns, "mean", "AUC", "rounds to target", "seconds",
+                   "uplink MB/round"):
         table.add_column(column, justify="left" if column == "strategy" else "right")
-    for label, group in grouped(runs).items():
-        cells = [_format(_site_mean(group, s, metric)) for s in sites]
-        summary = _run_mean(group, metric)
-        mean_cell = "-" if summary is None else \
-            f"{summary[0]:.3f}" + (f" ± {summary[1]:.3f}" if len(group) > 1 else "")
-        seconds = mean(float(run["seconds"]) for run in group)  # type: ignore[arg-type]
-        uplink = mean(float(run.get("uplink_bytes_per_round") or 0) for run in group) / 1e6
-        table.add_row(label, *cells, mean_cell, f"{seconds:.0f}", f"{uplink:.2f}" if uplink else "-")
+    for summary in summaries:
+        if detail:
+            cells = [_interval(summary.per_site[s]) if s in summary.per_site else "-"
+                     for s in sites]
+        else:
+            worst = summary.per_site[summary.worst_site]
+            spread = pstdev(e.mean for e in summary.per_site.values())
+            cells = [f"{summary.worst_site} {worst.mean:.3f}", f"sd {spread:.3f}"]
+        mean_cell = _interval(summary.mean)
+        if summary.mean.seed_sd is not None:
+            mean_cell += f" (sd {summary.mean.seed_sd:.3f})"
+        reached = ("-" if summary.encrypted is None else
+                   "not reached" if summary.rounds_to_target is None else
+                   f"{summary.rounds_to_target:.1f}")
+        uplink = summary.uplink_bytes_per_round / 1e6
+        table.add_row(summary.label, *cells, mean_cell, f"{summary.auc:.3f}", reached,
+                      f"{summary.seconds:.0f}", f"{uplink:.2f}" if uplink else "-")
     return table
 
 
-def _format(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _interval(estimate: Estimate) -> str:
+    return f"{estimate.mean:.3f} ± {estimate.ci95:.3f}"
 
 
-def _mean_by_round(group: list[Run], metric: str) -> dict[int, float]:
-    """Mean over sites, then over seeds, of `metric` after each round."""
-    by_round: dict[int, list[float]] = {}
-    for run in group:
-        rounds: dict[str, dict[str, dict[str, float]]] = run.get(  # type: ignore[assignment]
-            "evaluate_by_round") or {}
-        for r, sites in rounds.items():
-            by_round.setdefault(int(r), []).append(mean(m[metric] for m in sites.values()))
-    return {r: mean(v) for r, v in sorted(by_round.items())}
-
-
-def plot_results(runs: list[Run], path: Path, metric: str = "balanced_accuracy") -> Path:
-    """Per-site bars for every strategy, and the federated runs' mean metric by round."""
-    sites = _sites(runs)
-    groups = grouped(runs)
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / max(len(groups), 1)
-    for i, (label, group) in enumerate(groups.items()):
-        summary = _run_mean(group, metric)
-        values = [_site_mean(group, s, metric) or 0.0 for s in sites] + \
-            [summary[0] if summary else 0.0]
+def plot_results(runs: Sequence[Run], path: Path, title: str = "") -> Path:
+    """Bars with 95% intervals for every strategy, and the federated runs' mean by round."""
+    summaries = summarize(runs)
+    sites = sorted({site for s in summaries for site in s.per_site})
+    detail = len(sites) <= MAX_SITE_COLUMNS
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(summaries), 1)
+    groups = [*sites, "mean"] if detail else ["worst site", "mean"]
+    for i, summary in enumerate(summaries):
+        estimates = _bar_estimates(summary, sites, detail)
         color = f"C{i % 10}"  # the same colour for a strategy in both panels
-        bars.bar([x + i * width for x in range(len(sites) + 1)], values, width, label=label,
-                 color=color)
-        if by_round := _mean_by_round(group, metric):
-            curves.plot(list(by_round), list(by_round.values()), marker="o", label=label,
-                        color=color)
-    bars.set_xticks([x + 0.4 - width / 2 for x in range(len(sites) + 1)], [*sites, "mean"])
-    bars.set_ylabel(metric)
+        bars.bar([x + i * width for x in range(len(groups))], [e.mean for e in estimates], width,
+                 yerr=[e.ci95 for e in estimates], capsize=2, label=summary.label, color=color)
+        if summary.curve:
+            curves.plot(list(summary.curve), list(summary.curve.values()), marker="o",
+                        label=summary.label, color=color)
+    bars.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups)
+    bars.set_ylabel(f"{METRIC} (± 95% interval)")
     bars.set_ylim(0, 1)
+    bars.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")  # chance
     bars.set_title("per site, after the last round")
     bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)  # off the bars
     curves.set_xlabel("round (0 = starting model)")
-    curves.set_ylabel(f"mean {metric} over sites")
+    curves.set_ylabel(f"mean {METRIC} over sites")
     curves.set_ylim(0, 1)
+    curves.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     curves.set_title("federated runs by round")
     curves.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _bar_estimates(summary: StrategySummary, sites: list[str], detail: bool) -> list[Estimate]:
+    missing = Estimate(0.0, 0.0, None)
+    if detail:
+        return [summary.per_site.get(s, missing) for s in sites] + [summary.mean]
+    return [summary.per_site.get(summary.worst_site, missing), summary.mean]

@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from fedhealth.core.atomic_file import write_atomically
 
-EVALUATION_METRICS = ("accuracy", "balanced_accuracy", "auc", "dice")  # dice: segmentation
+EVALUATION_METRICS = ("accuracy", "balanced_accuracy", "balanced_accuracy_se", "auc", "dice")  # dice: segmentation
 TRAIN, EVALUATE = "train", "evaluate"  # the kinds of round a site reports on
 KINDS = (TRAIN, EVALUATE)
 
