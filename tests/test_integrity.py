@@ -410,3 +410,13 @@ def test_damaged_checkpoint_gives_the_one_damaged_error(tmp_path: Path, key_dir:
     with pytest.raises(CheckpointDamaged):  # the same through the strategy, resume = true
         EncryptedFedAvg(load_aggregator_context(key_dir / wire.AGGREGATOR_KEY_FILE),
                         checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_global_that_cannot_be_decrypted_is_refused_like_a_failed_check(
+        fed_keys: Path) -> None:
+    key = load_site_context(fed_keys / wire.SITE_KEY_FILE)
+    tensors = random_tensors(2, width=5000)
+    blobs = wire.record_to_ciphertexts(encrypt_update(key, tensors, 1.0))
+    damaged = wire.ciphertexts_to_record([blobs[0][:-100]])  # truncated and one missing
+    with pytest.raises(IntegrityError, match="cannot be decrypted"):
+        decrypt_global(key, damaged, TensorLayout.of(tensors), 1.0)

@@ -97,15 +97,11 @@ class Packing:
 
     def split(self, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The inverse of `join`: (data vector, check values per ciphertext)."""
-        step, per = self.data_per_ciphertext, self.per_ciphertext
-        data, checks = [], []
-        for i in range(self.ciphertexts):
-            chunk = payload[i * per:(i + 1) * per]
-            data.append(chunk[:-CHECK_VALUES])
-            checks.append(chunk[-CHECK_VALUES:])
-        vector = np.concatenate(data) if data else np.zeros(0)
-        assert len(vector) == self.size and all(len(d) <= step for d in data)
-        return vector, np.array(checks).reshape(self.ciphertexts, CHECK_VALUES)
+        per = self.per_ciphertext
+        chunks = [payload[i * per:(i + 1) * per] for i in range(self.ciphertexts)]
+        vector = np.concatenate([chunk[:-CHECK_VALUES] for chunk in chunks])
+        checks = np.array([chunk[-CHECK_VALUES:] for chunk in chunks])
+        return vector, checks.reshape(self.ciphertexts, CHECK_VALUES)
 
     @classmethod
     def of(cls, size: int, preset: CkksPreset) -> "Packing":
@@ -196,12 +192,17 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
     """Decrypt E(sum a_k w_k), verify its check values, divide by s = sum a_k: the weighted
     mean, as named tensors. `binding` names the round whose replies were summed.
 
-    Raises IntegrityError when any ciphertext's check values differ from s * c.
+    Raises IntegrityError when any ciphertext cannot be decrypted or its check values differ
+    from s * c.
     """
     if not weight_sum > 0:
         raise ValueError(f"weight sum s must be positive, got {weight_sum}")
     packing = Packing.of(layout.size, key.preset)
-    payload = decrypt_vector(key, record_to_ciphertexts(record), packing.payload_size)
+    try:
+        payload = decrypt_vector(key, record_to_ciphertexts(record), packing.payload_size)
+    except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's errors on damaged bytes
+        raise IntegrityError(f"the global of round {binding.server_round} cannot be decrypted "
+                             f"({exc}): it is damaged or was built for another layout") from None
     vector, found = packing.split(payload)
     verify_checks(found, binding, weight_sum)
     return layout.unflatten(vector / weight_sum)
