@@ -8,7 +8,8 @@ Instruction (aggregator -> site, message type `train` or `evaluate`), a RecordDi
                `layout-hash` ("" until the first round fixed it), `key-fingerprint`,
                `training-id` (names the training across coordinator restarts: sites key
                their personal layers by it, so a resumed run finds them), `nonce` (fresh and
-               random per site and round: what a site's signature binds its reply to)
+               random per site and round: what a site's signature binds its reply to),
+               `global-round` (the round whose replies `fh.global` sums; its check values)
   `config`     ConfigRecord: the ServerApp's train/evaluate config, plus `server-round`
 Census query (aggregator -> site, message type `query`): `fh.census` ConfigRecord with
   `key-fingerprint`, `training-id` and `nonce`, and `config` (the run config, so the site can
@@ -19,13 +20,16 @@ Replies (site -> aggregator), exactly these records and no other:
                polynomial sent as its seed; TenSEAL expands it on load)
   `metrics`    MetricRecord: `num-examples` and the site's plaintext metrics (finite scalars)
   `fh.crypto`  ConfigRecord: `site` (the site's name: the only place a reply names its site),
-               `key-fingerprint`, and in train replies `layout-hash` and `site-weight` (the a_k
-               the site multiplied by). Plaintext replies (Flower FedAvg's `arrays` + `metrics`)
+               `key-fingerprint`, `signature` (the site's, `fedhealth.core.crypto.signing`),
+               `refused-global` when the site refused a global whose check values failed, and
+               in train replies `layout-hash` and `site-weight` (the a_k the site multiplied
+               by). Plaintext replies (Flower FedAvg's `arrays` + `metrics`)
                carry it too, with `site` alone. A reply never says which round it answers: the
                aggregator knows which round it is in.
 Ciphertexts travel as Flower `Array`s of stype `fedhealth.ckks`: `data` is the ciphertext's
 bytes as they are (nothing to parse to reach them), `dtype` uint8 and `shape` (len(data),).
-Packing: the flat vector is cut into chunks of the preset's `values_per_ciphertext`; with
+Packing: the flat vector is cut into chunks of the preset's `values_per_ciphertext` less the
+check values `fedhealth.core.crypto.codec` puts at the end of every ciphertext; with
 complex slots (all presets but `nvflare`) values 2i and 2i+1 of a chunk are the real and
 imaginary part of slot i, so a ciphertext's TenSEAL size counts slots, not values.
 """
