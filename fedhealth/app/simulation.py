@@ -37,9 +37,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NOT_FOR_THE_USER = ("default simulated SuperNodes changed",)
 
 
-_PATH_FIELDS = ("data_dir", "key_dir", "state_dir", "out_dir")
-
-
 class SimulationError(RuntimeError):
     """The simulation could not start, or ended without writing results."""
 
@@ -124,8 +121,8 @@ def simulate(config: RunConfig, *, num_sites: int | None = None, verbose: bool =
     if not config.expected_sites:  # every virtual node joins: wait for all of them
         config = replace(config, expected_sites=sites)
     # The apps run in Flower's processes, whose working folder is not the caller's
-    config = replace(config, **{name: str(Path(getattr(config, name)).resolve())
-                                for name in _PATH_FIELDS if getattr(config, name)})
+    config = replace(config, data_dir=_absolute(config.data_dir), key_dir=_absolute(config.key_dir),
+                     state_dir=_absolute(config.state_dir), out_dir=_absolute(config.out_dir))
     federation = (f"num-supernodes={sites} client-resources-num-cpus=1 "
                   f"client-resources-num-gpus=0.0 init-args-logging-level='ERROR' "
                   f"init-args-log-to-driver={str(verbose).lower()}")
@@ -148,6 +145,10 @@ def simulate(config: RunConfig, *, num_sites: int | None = None, verbose: bool =
     return results
 
 
+def _absolute(path: str) -> str:
+    return str(Path(path).resolve()) if path else path
+
+
 def run_config_toml(config: RunConfig) -> str:
     """Every field as a TOML line: what `flwr run --run-config FILE.toml` reads, free of the
     quoting a path with spaces would need on a command line."""
@@ -160,10 +161,11 @@ def run_config_toml(config: RunConfig) -> str:
 def _forward(lines: Iterator[str], verbose: bool) -> None:
     """Re-log the run's lines through Flower's logger, as an in-process run logged them."""
     logger = logging.getLogger("flwr")
+    levels = logging.getLevelNamesMapping()
     level = logging.INFO
     for line in lines:
         text = _ANSI.sub("", line).rstrip()
         if match := _LEVEL.match(text):
-            level, text = logging.getLevelName(match[1]), match[2]
+            level, text = levels[match[1]], match[2]
         if (verbose or level >= logging.WARNING) and not any(n in text for n in _NOT_FOR_THE_USER):
             logger.log(level, text)
