@@ -126,3 +126,9 @@ def test_key_file_without_checksum_is_refused_with_the_fix(key_dir: Path, tmp_pa
     path.chmod(0o600)
     with pytest.raises(KeyFileError, match=r"old.ctx: a key file of format 1.*keys init"):
         load_site_context(path)
+
+
+def test_site_names_cannot_lead_key_files_out_of_their_folder(tmp_path: Path) -> None:
+    with pytest.raises(SignatureError, match="cannot name a key file"):
+        init_key_files(tmp_path, sites=["../outside"])
+    assert not (tmp_path / "outside.key").exists() and not (tmp_path / SITE_FILE).exists()

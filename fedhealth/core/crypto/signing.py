@@ -62,11 +62,19 @@ def ciphertext_digest(blobs: Sequence[bytes]) -> str:
 
 
 def public_key_path(key_dir: Path, site: str) -> Path:
-    return Path(key_dir) / SIGNING_KEYS_DIR / f"{site}.pub"
+    return Path(key_dir) / SIGNING_KEYS_DIR / f"{_file_stem(site)}.pub"
 
 
 def private_key_path(key_dir: Path, site: str) -> Path:
-    return Path(key_dir) / SIGNING_KEYS_DIR / f"{site}.key"
+    return Path(key_dir) / SIGNING_KEYS_DIR / f"{_file_stem(site)}.key"
+
+
+def _file_stem(site: str) -> str:
+    """A site name usable as a file name inside the folder (no separator, not hidden)."""
+    if not site or site.startswith(".") or "/" in site or "\\" in site or "\0" in site:
+        raise SignatureError(f"site name {site!r} cannot name a key file: use letters, digits, "
+                             "'-', '_' or '.' (not first)")
+    return site
 
 
 def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
