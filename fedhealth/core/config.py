@@ -7,7 +7,7 @@ config is built, with the field's name and its choices, instead of deep inside a
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_type_hints
 
 if TYPE_CHECKING:  # Flower's records load with the ServerApp/ClientApp, not with every RunConfig
     from flwr.app import ConfigRecord
@@ -71,6 +71,7 @@ class RunConfig:
     def from_flower(cls, run_config: Mapping[str, object]) -> "RunConfig":
         """Build from Flower's run config (keys use dashes, e.g. `num-server-rounds`)."""
         values: dict[str, object] = {}
+        kinds = get_type_hints(cls)  # the classes themselves, not the annotations' text
         for field in fields(cls):
             key = _key(field.name)
             if key not in run_config:
@@ -78,7 +79,7 @@ class RunConfig:
                     f"run config field '{key}' is missing: add it under "
                     "[tool.flwr.app.config] in pyproject.toml or pass --run-config"
                 )
-            values[field.name] = _coerce(key, run_config[key], field.type)
+            values[field.name] = _coerce(key, run_config[key], kinds[field.name])
         return cls(**values)  # type: ignore[arg-type]
 
     def to_flower(self) -> dict[str, bool | int | float | str]:
@@ -89,7 +90,7 @@ class RunConfig:
         """The same values as a ConfigRecord, to send to sites."""
         from flwr.app import ConfigRecord
 
-        return ConfigRecord(self.to_flower())
+        return ConfigRecord({key: value for key, value in self.to_flower().items()})
 
 
 def _key(name: str) -> str:
