@@ -69,6 +69,8 @@ class Site:
     state: RecordDict = dataclasses.field(default_factory=RecordDict)
     started_from: dict[int, dict[str, np.ndarray] | None] = dataclasses.field(default_factory=dict)
     replies: dict[int, RecordDict] = dataclasses.field(default_factory=dict)
+    evaluated: dict[int, tuple[dict[str, np.ndarray] | None, RecordDict]] = dataclasses.field(
+        default_factory=dict)  # round -> (the global it evaluated, its evaluate reply)
 
     @property
     def name(self) -> str:
@@ -85,6 +87,10 @@ class Site:
         layout = TensorLayout.of(self.target)
         start = exchange.global_shared(layout)
         round_ = exchange.server_round
+        if message.metadata.message_type == MessageType.EVALUATE:
+            reply = exchange.evaluate_reply(self.num_examples, {"loss": 1.0}, self.name)
+            self.evaluated[round_] = (start, reply)
+            return Message(reply, reply_to=message)
         self.started_from[round_] = start
         base = start or {k: np.zeros_like(v) for k, v in self.target.items()}
         trained = {k: (0.5 * base[k] + 0.5 * v).astype(v.dtype) for k, v in self.target.items()}
@@ -127,6 +133,8 @@ def run_rounds(fed_keys: Path, sites: list[Site], rounds: int, *, signed: bool,
     for server_round in range(1, rounds + 1):
         messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
         strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        messages = strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
     return strategy
 
 
@@ -155,6 +163,11 @@ def assert_detected_then_recovered(sites: list[Site], strategy: EncryptedFedAvg,
     global before it; the next global is accepted."""
     honest = sites[:3]
     for site in honest:
+        evaluated, reply = site.evaluated[bad_round]  # the bad global, first seen in evaluate
+        assert reply[wire.CRYPTO][wire.REFUSED_GLOBAL] == bad_round and evaluated is not None
+        for name, tensor in site.started_from[bad_round].items():  # type: ignore[union-attr]
+            np.testing.assert_array_equal(evaluated[name], tensor)
+        assert wire.REFUSED_GLOBAL not in site.evaluated[bad_round + 1][1][wire.CRYPTO]
         assert refused(site, bad_round + 1) == bad_round
         before = site.started_from[bad_round]  # the last global it accepted
         assert before is not None and site.started_from[bad_round + 1] is not None
@@ -173,7 +186,9 @@ def test_honest_rounds_pass_their_checks(fed_keys: Path, tmp_path: Path) -> None
     stored = PersonalStore(None, sites[0].settings.state_dir, run_key=strategy.training_id,
                            site="h1", kind=ACCEPTED_GLOBAL).load()
     assert stored is not None  # the last accepted global, on disk under the training id
-    np.testing.assert_array_equal(stored["body.weight"], sites[0].started_from[3]["body.weight"])
+    last = sites[0].evaluated[3][0]  # round 3's global, decrypted for round 3's evaluation
+    assert last is not None
+    np.testing.assert_array_equal(stored["body.weight"], last["body.weight"])
 
 
 def test_foreign_key_with_our_fingerprint_is_detected(fed_keys: Path, tmp_path: Path) -> None:
