@@ -85,11 +85,15 @@ class SiteRound:
 Answer = Callable[[Message, Context, RunConfig, SiteSettings], tuple[int, RecordDict]]
 
 
-def replying(kind: str, message: Message, context: Context, answer: Answer) -> Message:
+def replying(kind: str, message: Message, context: Context, answer: Answer,
+             server_round: int | None = None) -> Message:
     """Run `answer`; audit and send its reply, or, if anything fails, an error reply that names
-    only a category and a reference (the detail goes to the site's error log), audited too."""
+    only a category and a reference (the detail goes to the site's error log), audited too.
+
+    `server_round`: the round a failure is audited under when the call's round is fixed (the
+    census is round 0); otherwise the round the instruction declares."""
     site: SiteSettings | None = None
-    server_round = declared_round(message)
+    server_round = declared_round(message) if server_round is None else server_round
     try:
         config = read_run_config(message.content)
         site = resolve_site(context.node_config, config)
@@ -175,4 +179,4 @@ def evaluate(message: Message, context: Context) -> Message:
 @app.query()
 def census(message: Message, context: Context) -> Message:
     """Answer the aggregator's census with this site's training sample count."""
-    return replying("query", message, context, _census)
+    return replying("query", message, context, _census, server_round=0)

@@ -85,6 +85,15 @@ def test_an_unreadable_instruction_is_answered_and_audited(synth_federation: Pat
     assert entry["round"] is None and entry["kind"] == MessageType.TRAIN
 
 
+def test_a_failing_query_is_audited_under_round_zero(synth_federation: Path,
+                                                     tmp_path: Path) -> None:
+    reply = client_app.census(_message(MessageType.QUERY),  # a query, but not the census
+                              _context(synth_federation / "hospital-1", tmp_path))
+    assert reply.has_error() and REASON.fullmatch(reply.error.reason)
+    [entry] = AuditLog(tmp_path / "audit.jsonl").entries()
+    assert (entry["kind"], entry["round"]) == ("query", 0)
+
+
 def test_disclosure_settings_round_withhold_and_step(synth_federation: Path,
                                                      tmp_path: Path) -> None:
     site = Path(shutil.copytree(synth_federation / "hospital-1", tmp_path / "hospital-1"))
