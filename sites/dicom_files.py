@@ -125,7 +125,7 @@ def list_site(root: Path) -> Listing:
     """
     files: list[Path] = []
     skipped: list[Skipped] = []
-    inside = root.resolve()
+    inside = Path(os.path.realpath(root))
 
     def walk(folder: Path) -> None:
         try:

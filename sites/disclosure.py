@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fedhealth.core.crypto.wire import NUM_EXAMPLES as COUNT
+
 
 class DisclosureError(ValueError):
     """A disclosure setting that cannot be applied."""
@@ -29,6 +31,9 @@ class MetricDisclosure:
     def __post_init__(self) -> None:
         if self.decimals is not None and not 0 <= self.decimals <= 15:
             raise DisclosureError(f"metric-decimals must be 0..15, got {self.decimals}")
+        if COUNT in self.withheld:
+            raise DisclosureError(f"withhold-metrics cannot name '{COUNT}': every reply must carry "
+                                  "it (weights, means); use count-step to coarsen it")
         if self.count_step < 1:
             raise DisclosureError(f"count-step must be a positive integer, got {self.count_step}")
 

@@ -122,7 +122,8 @@ def test_site_settings_are_parsed_and_refused_with_the_key(tmp_path: Path) -> No
     assert resolve_site(base, CONFIG).limits == DataLimits()
     for key, value, says in [("max-image-mb", 0, "positive"), ("max-image-mb", "big", "a number"),
                              ("num-classes", 1, "at least 2"), ("num-classes", 2.5, "an integer"),
-                             ("metric-decimals", 99, "0..15"), ("count-step", 0, "positive")]:
+                             ("metric-decimals", 99, "0..15"), ("count-step", 0, "positive"),
+                             ("withhold-metrics", "auc,num-examples", "cannot name 'num-examples'")]:
         with pytest.raises(SiteSettingsError, match=f"{key}.*{says}"):
             resolve_site({**base, key: value}, CONFIG)
 
