@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sessions import alive_in_session
 
 from fedhealth.app.deployment import pki
 from fedhealth.app.deployment.bundles import CoordinatorBundle, init_federation
@@ -73,15 +74,18 @@ class Processes:
             os.killpg(self.started[name].pid, sig)
 
     def stop_all(self) -> None:
+        """SIGTERM every session, SIGKILL what is left after 20 s; then nothing may remain."""
         for name in self.started:
             self.kill(name, signal.SIGTERM)
         deadline = time.monotonic() + 20
         for name, process in self.started.items():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if alive_in_session(process.pid):  # the leader's children outlived it
                 self.kill(name)
                 process.wait(timeout=10)
+        wait_for(lambda: not any(alive_in_session(p.pid) for p in self.started.values()), 10,
+                 "every process the test started to be gone")
 
 
 def site_toml(bundle_dir: Path, data_dir: Path, runtime_port: int) -> Path:

@@ -5,7 +5,6 @@ share the session the SuperLink was started in, so "no process left behind" is c
 live process in that session", plus the port being free again.
 """
 
-import os
 import socket
 import tomllib
 from dataclasses import replace
@@ -13,22 +12,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sessions import alive_in_session
 
 from fedhealth.app import simulation
 from fedhealth.app.simulation import local_superlink, run_config_toml, simulate
 from fedhealth.core.config import RunConfig
-
-
-def _alive_in_session(session: int) -> set[int]:
-    """Process ids of the live (not zombie) processes of `session`."""
-    alive = set()
-    for process in psutil.process_iter(["status"]):
-        try:
-            if os.getsid(process.pid) == session and process.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.add(process.pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return alive
 
 
 def _port_is_free(port: int) -> bool:
@@ -49,10 +37,10 @@ def test_run_config_reaches_flower_as_toml_whatever_the_paths_hold() -> None:
 def test_superlink_is_stopped_with_its_session_when_the_block_ends() -> None:
     with local_superlink() as link:
         session, port = link.process.pid, int(link.cli.address.rsplit(":", 1)[1])
-        assert _alive_in_session(session)
+        assert alive_in_session(session)
         assert not _port_is_free(port)
     assert link.process.returncode is not None
-    assert _alive_in_session(session) == set()
+    assert alive_in_session(session) == set()
     assert _port_is_free(port)
 
 
@@ -79,7 +67,7 @@ def test_a_simulated_run_writes_results_and_leaves_no_process(
     with local_superlink() as link:
         results = simulate(config, superlink=link)
         # the run's own processes (ServerApp, simulation, Ray) are gone once it has ended
-        assert _alive_in_session(link.process.pid) == {link.process.pid}
-    assert _alive_in_session(link.process.pid) == set()
+        assert alive_in_session(link.process.pid) == {link.process.pid}
+    assert alive_in_session(link.process.pid) == set()
     assert set(results["evaluate_by_round"]) == {"0", "1"}
     assert len(results["per_site"]) == 3
