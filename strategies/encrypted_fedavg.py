@@ -281,13 +281,11 @@ class EncryptedFedAvg(FedAvg):
         return aggregate(metric_contents(replies), self.weighted_by_key)
 
 
-
 def _log_refused_globals(kind: str, server_round: int, replies: list[CheckedReply]) -> None:
     """Sites say when a global failed its check values (and that they used their last accepted
     one); the aggregator cannot decrypt to see which reply spoiled it, so it says which round."""
     for reply in replies:
-        refused = reply.content.config_records[wire.CRYPTO].get(wire.REFUSED_GLOBAL)
-        if type(refused) is int and refused > 0:
+        if refused := reply.refused_global:  # checked, and kept in the run history
             log(WARNING, "round %d %s: site %s refused the global of round %d (its check values "
                 "failed) and used the last global it accepted", server_round, kind, reply.site,
                 refused)

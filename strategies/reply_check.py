@@ -60,6 +60,7 @@ class CheckedReply:
     num_examples: int
     metrics: Mapping[str, float]
     site_weight: float | None
+    refused_global: int  # the round of a global the site refused (failed check values), or 0
     content: RecordDict = field(repr=False, compare=False)
 
     @property
@@ -105,9 +106,13 @@ def check_reply(message: Message, expected: Expected, *, fingerprint: str | None
             raise ReplyRejected(f"encrypted under another federation's key (fingerprint "
                                 f"{stated[:64]!r}, this federation uses {fingerprint})")
     num_examples, metrics = check_metrics(content.metric_records[wire.METRICS])
+    refused = crypto.get(wire.REFUSED_GLOBAL, 0)
+    if type(refused) is not int or not 0 <= refused <= expected.server_round:
+        raise ReplyRejected(f"'{wire.REFUSED_GLOBAL}' must be a round in "
+                            f"0..{expected.server_round}, got {_shown(refused)}")
     return CheckedReply(expected.kind, message.metadata.src_node_id, site,
                         expected.server_round, expected.nonce, num_examples, metrics,
-                        expected.site_weight, content)
+                        expected.site_weight, refused, content)
 
 
 def check_train_fields(reply: CheckedReply, expected: Expected) -> str:

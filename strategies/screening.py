@@ -88,7 +88,7 @@ class ReplyScreen:
         """Keep an accepted reply as the round's one record for its site."""
         self.history.record(kind, reply.server_round, SiteRecord(
             reply.site, reply.num_examples, reply.metrics,
-            reply.uplink_bytes if kind == TRAIN else 0))
+            reply.uplink_bytes if kind == TRAIN else 0, reply.refused_global))
 
     def _bind(self, node: int, site: str) -> None:
         """Hold a node to its first site name, and a site name to its first node."""

@@ -140,6 +140,8 @@ CASES: list[tuple[str, Edit, tuple[str, ...], str]] = [
      f"'num-examples' must be an int in 1..{MAX_NUM_EXAMPLES}"),
     ("a site name with a newline", set_field(wire.CRYPTO, wire.SITE, "h9\nforged"),
      ("train", "evaluate"), "'site' must be 1-64 letters"),
+    ("refused-global of a later round", set_field(wire.CRYPTO, wire.REFUSED_GLOBAL, 99),
+     ("train", "evaluate"), "'refused-global' must be a round in 0..1"),
     ("site-weight as a string", set_field(wire.CRYPTO, wire.SITE_WEIGHT, "0.5"), ("train",),
      "field 'site-weight' must be a finite float"),
     ("an fh.update array with a garbage .npy header", garbage_npy, ("train",),
@@ -160,6 +162,17 @@ def test_bad_reply_is_excluded_and_the_round_completes(
         assert set(strategy.history.sites(kind, 1)) == {"h0", "h1", "h2"}
     assert strategy.current is not None and strategy.current.server_round == 1
     assert 7 not in strategy.history.records["train"]  # no round a reply named was recorded
+
+
+def test_a_refused_global_is_kept_in_the_record(key_dir: Path, site_key: SiteKey) -> None:
+    strategy = encrypted_strategy(key_dir)
+    grid = federation(site_key, None)
+    one_round(strategy, grid)
+    grid.sites[104].tamper = only("train", edit=set_field(wire.CRYPTO, wire.REFUSED_GLOBAL, 1))
+    one_round(strategy, grid, 2)
+    results = RunResults("fedavg", True, 2, 0.0, strategy.history).to_json()
+    assert results["refused_globals"] == [
+        {"kind": "train", "round": 2, "site": "bad", "refused_global": 1}]
 
 
 def test_ciphertext_out_of_ntt_form_is_refused_before_it_is_added(

@@ -18,7 +18,8 @@ from types import MappingProxyType
 
 from fedhealth.core.atomic_file import write_atomically
 
-EVALUATION_METRICS = ("accuracy", "balanced_accuracy", "balanced_accuracy_se", "auc", "dice")  # dice: segmentation
+# dice: segmentation
+EVALUATION_METRICS = ("accuracy", "balanced_accuracy", "balanced_accuracy_se", "auc", "dice")
 TRAIN, EVALUATE = "train", "evaluate"  # the kinds of round a site reports on
 KINDS = (TRAIN, EVALUATE)
 
@@ -31,6 +32,7 @@ class SiteRecord:
     num_examples: int
     metrics: Mapping[str, float]
     uplink_bytes: int = 0
+    refused_global: int = 0  # the round of a global whose check values failed at the site, or 0
 
     def __post_init__(self) -> None:
         if not all(math.isfinite(v) for v in self.metrics.values()):
@@ -39,7 +41,8 @@ class SiteRecord:
 
     def to_json(self) -> dict[str, object]:
         return {"site": self.site, "num_examples": self.num_examples,
-                "metrics": dict(self.metrics), "uplink_bytes": self.uplink_bytes}
+                "metrics": dict(self.metrics), "uplink_bytes": self.uplink_bytes,
+                "refused_global": self.refused_global}
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,12 @@ class RunHistory:
         """Wall time of each round (train + evaluate), from one evaluation to the next."""
         rounds = sorted(self.evaluated_at)
         return {r: self.evaluated_at[r] - self.evaluated_at[p] for p, r in pairwise(rounds)}
+
+    def refused_globals(self) -> list[dict[str, object]]:
+        """Every reply that said its site refused a global: which round's, when, and who."""
+        return [{"kind": kind, "round": r, "site": s, "refused_global": rec.refused_global}
+                for kind, rounds in self.records.items() for r, sites in sorted(rounds.items())
+                for s, rec in sorted(sites.items()) if rec.refused_global]
 
     def uplink_bytes_per_round(self) -> float:
         """Mean bytes the accepted train replies of a round carried, over rounds that had any."""
@@ -159,6 +168,7 @@ class RunResults:
             "evaluate_by_round": self.history.by_round_json(EVALUATE),
             "train_by_round": self.history.by_round_json(TRAIN),
             "rejected": [asdict(r) for r in self.history.rejections],
+            "refused_globals": self.history.refused_globals(),
             "round_seconds": {str(r): t for r, t in self.history.round_seconds().items()},
             "uplink_bytes_per_round": self.history.uplink_bytes_per_round(),
         }
