@@ -25,7 +25,8 @@ Replies (site -> aggregator), exactly these records and no other:
                in train replies `layout-hash` and `site-weight` (the a_k the site multiplied
                by). Plaintext replies (Flower FedAvg's `arrays` + `metrics`)
                carry it too, with `site` alone. A reply never says which round it answers: the
-               aggregator knows which round it is in.
+               aggregator knows which round it is in. A reply with any other record is refused:
+               a new record must be named here and admitted in `strategies.reply_check`.
 Ciphertexts travel as Flower `Array`s of stype `fedhealth.ckks`: `data` is the ciphertext's
 bytes as they are (nothing to parse to reach them), `dtype` uint8 and `shape` (len(data),).
 Packing: the flat vector is cut into chunks of the preset's `values_per_ciphertext` less the
