@@ -175,7 +175,7 @@ ca-cert = "ca.pem"         # the federation CA; the SuperLink must present a cer
 
 [keys]
 node-private-key = "node.key"  # SuperNode authentication key (mode 0600)
-he-context = "site.ctx"        # the federation's secret CKKS context (mode 0600)
+key-file = "site.ctx"          # the federation's secret CKKS context (mode 0600)
 
 [supernode]
 runtime-port = {DEFAULT_RUNTIME_PORT}        # local port of the SuperNode's runtime API (127.0.0.1 only)

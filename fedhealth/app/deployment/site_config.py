@@ -33,14 +33,14 @@ class SiteConfig:
     superlink: str
     ca_cert: Path
     node_private_key: Path
-    he_context: Path
+    key_file: Path
     runtime_port: int
     limits: dict[str, object] = field(default_factory=dict)  # [site] LIMIT_KEYS that are set
 
     def node_config(self) -> str:
         """Flower `--node-config` string: what the ClientApp reads from `context.node_config`."""
         values = {"site-name": self.name, "data-dir": self.data_dir, "state-dir": self.state_dir,
-                  "key-file": self.he_context, "audit-log": self.audit_log,
+                  "key-file": self.key_file, "audit-log": self.audit_log,
                   "node-key": self.node_private_key}  # also signs the site's replies
         if self.labels:
             values["labels"] = self.labels
@@ -103,7 +103,7 @@ def load_site_config(path: Path) -> SiteConfig:
         superlink=superlink,
         ca_cert=file("superlink", "ca-cert"),
         node_private_key=file("keys", "node-private-key"),
-        he_context=file("keys", "he-context"),
+        key_file=file("keys", "key-file"),  # one name: node config too
         runtime_port=runtime_port if isinstance(runtime_port, int) else DEFAULT_RUNTIME_PORT,
         limits=limits,
     )
@@ -118,8 +118,8 @@ def preflight(config: SiteConfig) -> SiteReport:
     try:
         pki.load_ca_cert(config.ca_cert)
         pki.load_node_private_key(config.node_private_key)
-        pki.check_private_file(config.he_context, "CKKS secret context")
-        load_site_context(config.he_context)
+        pki.check_private_file(config.key_file, "CKKS secret context")
+        load_site_context(config.key_file)
     except (pki.PkiError, KeyFileError) as err:
         raise SiteConfigError(f"{config.source}: {err}") from err
     try:
