@@ -10,6 +10,7 @@ holding one named connection, so a user's own ~/.flwr is never read or changed.
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,8 @@ from fedhealth.core.config import RunConfig
 
 # `flwr ls` status of a run that ended well; anything else `finished:*` is a failure.
 COMPLETED = "finished:completed"
+# Terminal colours Flower's logs and Rich's JSON carry when something forces them (a notebook)
+ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class FlowerError(RuntimeError):
@@ -45,8 +48,10 @@ def flower_env(home: Path) -> dict[str, str]:
     """Environment for Flower processes: their FLWR_HOME, and this environment's executables
     first on PATH (SuperLink and SuperNode spawn `flower-superexec` by name)."""
     bin_dir = str(Path(executable("flower-superexec")).parent)
-    return {**os.environ, "FLWR_HOME": str(home),
-            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    env = {**os.environ, "FLWR_HOME": str(home), "NO_COLOR": "1",  # output read by programs
+           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    env.pop("FORCE_COLOR", None)
+    return env
 
 
 def default_app_dir() -> Path:
@@ -140,6 +145,7 @@ def reply(process: subprocess.Popen[str], timeout: float = 120) -> dict[str, obj
     except subprocess.TimeoutExpired:
         process.kill()
         raise FlowerError(f"`{command}` did not finish in {timeout:.0f} s") from None
+    stdout = ANSI_STYLE.sub("", stdout)
     start = stdout.find("{")
     try:
         answer = json.loads(stdout[start:]) if start >= 0 else {}

@@ -25,14 +25,21 @@ from pathlib import Path
 import httpx
 import psutil
 
-from fedhealth.app.flower_cli import COMPLETED, FlowerError, FlwrCli, default_app_dir, executable, stop
+from fedhealth.app.flower_cli import (
+    ANSI_STYLE,
+    COMPLETED,
+    FlowerError,
+    FlwrCli,
+    default_app_dir,
+    executable,
+    stop,
+)
 from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto.wire import RESULTS_FILE
 from sites.site_settings import simulated_site_dirs
 
 CONNECTION = "fedhealth-simulation"
 _LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s?(.*)$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Flower warns about its default federation size on every run; `simulate` always sets it.
 _NOT_FOR_THE_USER = ("default simulated SuperNodes changed",)
 
@@ -164,7 +171,7 @@ def _forward(lines: Iterator[str], verbose: bool) -> None:
     levels = logging.getLevelNamesMapping()
     level = logging.INFO
     for line in lines:
-        text = _ANSI.sub("", line).rstrip()
+        text = ANSI_STYLE.sub("", line).rstrip()
         if match := _LEVEL.match(text):
             level, text = levels[match[1]], match[2]
         if (verbose or level >= logging.WARNING) and not any(n in text for n in _NOT_FOR_THE_USER):
