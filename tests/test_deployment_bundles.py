@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from typer.testing import CliRunner
 
+from fedhealth.app.cli import app
 from fedhealth.app.deployment import pki
 from fedhealth.app.deployment.bundles import (
     BundleError,
@@ -118,3 +120,13 @@ def test_incomplete_coordinator_folder_is_named(tmp_path: Path, federation: Path
                                             .read_text())
     with pytest.raises(BundleError, match="lacks: .*ca.pem"):
         CoordinatorBundle.load(broken)
+
+
+def test_federation_run_refuses_a_bad_run_config_before_submitting(federation: Path) -> None:
+    coordinator = federation / "coordinator"
+    result = CliRunner().invoke(app, ["federation", "run", "--dir", str(coordinator),
+                                      "--run-config", "policy='fedbm' num-server-rounds=2"])
+    assert result.exit_code == 2
+    assert "'policy' is 'fedbm': choose one of" in result.output
+    assert not (coordinator / "results").exists()  # nothing was submitted
+    assert not (coordinator / "flwr-home").exists()  # Flower's CLI was never called

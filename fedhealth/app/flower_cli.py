@@ -66,8 +66,12 @@ def default_app_dir() -> Path:
 def submitted_run_config(app_dir: Path, overrides: Sequence[str]) -> RunConfig:
     """The RunConfig the ServerApp will build from the app's defaults and `--run-config`
     overrides, built now: a typo or a value out of range fails before anything is submitted."""
-    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    path = app_dir / "pyproject.toml"
+    try:
+        pyproject = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise FlowerError(f"cannot read the app's {path}: {err}") from err
+    defaults = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
     return RunConfig.from_flower({**defaults, **parse_config_args(list(overrides))})
 
 
