@@ -79,32 +79,44 @@ def simulate_command(
 def compare_command(
     data: Path = typer.Option(..., exists=True, file_okay=False, help="Federation folder."),
     out: Path = typer.Option(..., help="Results JSON to write."),
-    rounds: int = typer.Option(5, help="Federated rounds (baselines train as many epochs)."),
+    rounds: int | None = typer.Option(None, help="Federated rounds (baselines train as many "
+                                      "epochs); default: the run config's."),
     seed: int = typer.Option(0, help="First seed (patient split, initial model, shuffles)."),
     repeats: int = typer.Option(1, min=1, help="Seeds per strategy: seed .. seed+repeats-1."),
     strategies: str = typer.Option(",".join(
         ("local", "pooled", "fedavg", "fedprox", "fedbn", "fedper", "fedrep", "ditto"))),
     plaintext_too: bool = typer.Option(False, help="Also run each strategy unencrypted."),
-    model: str = typer.Option("tiny", help="Model zoo name."),
-    local_epochs: int = typer.Option(2),
-    learning_rate: float = typer.Option(0.003),
-    image_size: int = typer.Option(64),
+    model: str | None = typer.Option(None, help="Model zoo name; default: the run config's."),
+    local_epochs: int | None = typer.Option(None, help="Default: the run config's."),
+    learning_rate: float | None = typer.Option(None, help="Default: the run config's."),
+    optimizer: str | None = typer.Option(None, help="adam or sgd; default: the run config's."),
+    image_size: int | None = typer.Option(None, help="Default: the run config's."),
     balanced_loss: bool = typer.Option(False, help="Weight classes equally in every site's loss."),
+    target_fraction: float = typer.Option(0.9, min=0.0, max=1.0, help="rounds_to_target: first "
+                                          "round reaching this fraction of pooled's mean."),
 ) -> None:
-    """Run a grid of strategies on one federation and write results JSON, a table and a plot."""
+    """Run a grid of strategies on one federation and write results JSON, a table and a plot.
+
+    Every schedule option left out takes the run config's default ([tool.flwr.app.config]).
+    """
     from fedhealth.app.compare import compare, parse_strategies
     from fedhealth.app.report import plot_results, results_table
-    from fedhealth.core.config import RunConfig
+    from fedhealth.core.config import ConfigError, RunConfig
 
     try:
         names = parse_strategies(strategies)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--strategies") from error
     console = report_console()
-    config = RunConfig(num_server_rounds=rounds, seed=seed, model=model, local_epochs=local_epochs,
-                       learning_rate=learning_rate, image_size=image_size,
-                       balanced_loss=balanced_loss)
+    overrides = {"num_server_rounds": rounds, "model": model, "local_epochs": local_epochs,
+                 "learning_rate": learning_rate, "optimizer": optimizer, "image_size": image_size}
+    try:
+        config = RunConfig(seed=seed, balanced_loss=balanced_loss,
+                           **{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from error
     results = compare(data, out, names, config, repeats=repeats, plaintext_too=plaintext_too,
+                      target_fraction=target_fraction,
                       on_run=lambda label: console.log(f"running {label}"))
     console.print(results_table(results["runs"]))  # type: ignore[arg-type]
     console.print(f"plot: {plot_results(results['runs'], out.with_suffix('.png'))}")  # type: ignore[arg-type]

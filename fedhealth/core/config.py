@@ -38,7 +38,7 @@ class RunConfig:
         sample counts, whatever count it claims (1: no cap); the excess goes to the others.
     """
 
-    num_server_rounds: int = 3
+    num_server_rounds: int = 8
     policy: str = "fedbn"
     encrypted: bool = True
     crypto_preset: str = "default"
@@ -49,10 +49,10 @@ class RunConfig:
     expected_sites: int = 0
     join_timeout: float = 300.0
     fraction_train: float = 1.0
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 16
     optimizer: str = "adam"
-    learning_rate: float = 0.001
+    learning_rate: float = 0.003
     proximal_mu: float = 0.01
     balanced_loss: bool = False
     uniform_weights: bool = False

@@ -40,6 +40,12 @@ class Scenario:
     nodule_mm: tuple[float, float] = NODULE_MM
     nodule_contrast: float = 0.3
 
+    def label_prevalence(self, site: SiteDesign) -> float:
+        """The share of `site`'s images its protocol labels 1 (radii are uniform in nodule_mm)."""
+        low, high = self.nodule_mm
+        counted = (high - max(site.positive_from_mm, low)) / (high - low)
+        return site.prevalence * min(1.0, max(0.0, counted))
+
     def resized(self, sites: int | None = None,
                 images_per_site: int | tuple[int, ...] | None = None) -> "Scenario":
         """The same design for another number of sites (designs repeat in order) or other sizes."""
@@ -97,18 +103,18 @@ def _design(images: tuple[int, ...], prevalence: tuple[float, ...], shift: float
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("iid", "one vendor and one prevalence everywhere: FedAvg should match pooled",
-             _design((1500, 1500, 1500), (0.5, 0.5, 0.5), 0.0)),
+             _design((1600, 1600, 1600), (0.5, 0.5, 0.5), 0.0)),
     Scenario("feature-shift", "a different vendor per site (noise, blur, contrast curve, field "
              "of view), equal prevalence: the case FedBN targets",
-             _design((1500, 1500, 1500), (0.5, 0.5, 0.5), 1.5)),
+             _design((1600, 1600, 1600), (0.5, 0.5, 0.5), 1.5)),
     Scenario("label-shift", "one vendor, prevalence from 15% to 85% across sites (prior shift)",
-             _design((3000, 3000, 3000), (0.15, 0.5, 0.85), 0.0)),
+             _design((3100, 3100, 3100), (0.15, 0.5, 0.85), 0.0)),
     Scenario("concept-shift", "one vendor, but each site labels a nodule a finding only from its "
              "own size threshold on: the case FedPer, FedRep and Ditto target",
-             _design((1500, 1500, 1500), (0.4, 0.6, 1.0), 0.0, (0.0, 26.0, 32.0)),
+             _design((1600, 1600, 1600), (0.4, 0.6, 1.0), 0.0, (0.0, 26.0, 32.0)),
              nodule_mm=(20.0, 40.0)),
     Scenario("mixed", "label skew, scanner shift and size skew at once (the demo's)",
-             _design((1800, 1500, 1200), tuple(spread_prevalence(3, 0.5)), 1.0)),
+             _design((2800, 2400, 2000), tuple(spread_prevalence(3, 0.5)), 1.0)),
 )}
 SCENARIO_NAMES: tuple[str, ...] = tuple(SCENARIOS)
 
