@@ -13,8 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 from sessions import alive_in_session
+from typer.testing import CliRunner
 
 from fedhealth.app import simulation
+from fedhealth.app.cli import app
 from fedhealth.app.simulation import local_superlink, run_config_toml, simulate
 from fedhealth.core.config import RunConfig
 
@@ -71,3 +73,11 @@ def test_a_simulated_run_writes_results_and_leaves_no_process(
     assert alive_in_session(link.process.pid) == set()
     assert set(results["evaluate_by_round"]) == {"0", "1"}
     assert len(results["per_site"]) == 3
+
+
+def test_simulate_command_refuses_a_bad_run_config_before_starting_anything() -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = CliRunner().invoke(app, ["simulate", "--run-config", "policy='fedbm' data-dir='x'"])
+    assert result.exit_code == 2
+    assert "'policy' is 'fedbm': choose one of" in result.output
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # no SuperLink
