@@ -108,11 +108,12 @@ def compare_command(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--strategies") from error
     console = report_console()
-    overrides = {"num_server_rounds": rounds, "model": model, "local_epochs": local_epochs,
-                 "learning_rate": learning_rate, "optimizer": optimizer, "image_size": image_size}
-    try:
-        config = RunConfig(seed=seed, balanced_loss=balanced_loss,
-                           **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {"num-server-rounds": rounds, "model": model, "local-epochs": local_epochs,
+                 "learning-rate": learning_rate, "optimizer": optimizer, "image-size": image_size}
+    try:  # through Flower's field names: one path that checks every value, typed as it arrives
+        config = RunConfig.from_flower({
+            **RunConfig(seed=seed, balanced_loss=balanced_loss).to_flower(),
+            **{key: value for key, value in overrides.items() if value is not None}})
     except ConfigError as error:
         raise typer.BadParameter(str(error)) from error
     results = compare(data, out, names, config, repeats=repeats, plaintext_too=plaintext_too,
