@@ -7,7 +7,6 @@ loop passes around, so a plaintext ArrayRecord given to `start` can never be sen
 Every reply goes through one `ReplyScreen`; what it accepts is the run's one record.
 """
 
-import math
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -20,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
+from fedhealth.core import fixed_point
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.aggregator_key import AggregatorKey
 from fedhealth.core.run_history import EVALUATE, TRAIN, RunHistory
@@ -222,7 +222,8 @@ class EncryptedFedAvg(FedAvg):
             return None, metrics
         self.current = EncryptedGlobal(
             server_round=server_round, ciphertexts=summed.ciphertexts,
-            weight_sum=math.fsum(self._asked[r.node_id].site_weight or 0.0 for r, _ in used),
+            weight_sum=fixed_point.weight_sum(self._asked[r.node_id].site_weight or 0.0
+                                              for r, _ in used),
             layout_hash=used[0][1], chunk_sizes=summed.chunk_sizes,
             key_fingerprint=self.key.fingerprint, training_id=self.training_id)
         log(INFO, "round %d: new encrypted global from %d sites, s = %.6f", server_round,

@@ -1,12 +1,24 @@
 """Codec and site messages with real TenSEAL ciphertexts at small sizes."""
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, RecordDict
 
+from fedhealth.core import fixed_point
 from fedhealth.core.crypto import wire
-from fedhealth.core.crypto.codec import decrypt_global, decrypt_vector, encrypt_update, encrypt_vector
+from fedhealth.core.crypto.codec import (
+    UNBOUND,
+    IntegrityError,
+    Packing,
+    RoundBinding,
+    check_values,
+    decrypt_global,
+    decrypt_vector,
+    encrypt_update,
+    encrypt_vector,
+)
 from fedhealth.core.crypto.keys import (
     AggregatorKey,
     SiteKey,
@@ -85,8 +97,60 @@ def test_update_is_weighted_and_decrypts_to_tensors(site_key: SiteKey) -> None:
     record = encrypt_update(site_key, t, 0.25)
     assert all(array.dtype == "uint8" for array in record.values())
     out = decrypt_global(site_key, record, TensorLayout.of(t), 0.25)
-    assert np.max(np.abs(out["fc.bias"] - t["fc.bias"])) < 1e-6
+    # the grid moves a value by at most STEP / 2 / a_k, and CKKS noise is rounded away
+    assert np.max(np.abs(out["fc.bias"] - t["fc.bias"])) <= fixed_point.STEP / 2 / 0.25
     assert out["bn.num_batches_tracked"] == 7
+
+
+def _grid_sum(updates: list[dict[str, np.ndarray]], weights: list[float]) -> np.ndarray:
+    """The exact sum of the sites' grid terms, as integers (independent of float64 addition)."""
+    layout = TensorLayout.of(updates[0])
+    steps = sum(np.rint(fixed_point.on_grid(layout.flatten(u), a) / fixed_point.STEP
+                        ).astype(np.int64) for u, a in zip(updates, weights, strict=True))
+    return np.asarray(steps, dtype=np.float64) * fixed_point.STEP
+
+
+@pytest.mark.parametrize("sites", [2, 10, 100])
+def test_decrypted_sum_of_k_updates_is_the_exact_grid_sum(
+        site_key: SiteKey, key_dir: Path, sites: int) -> None:
+    """Bit for bit what a plaintext run computes from the same updates and weights."""
+    aggregator = load_aggregator_context(key_dir / "aggregator.ctx")
+    rng = np.random.default_rng(sites)
+    updates = [{"w": rng.normal(size=3000).astype(np.float32),
+                "bias": rng.normal(size=(7,)).astype(np.float32)} for _ in range(sites)]
+    counts = rng.integers(10, 500, size=sites)
+    weights = [float(c / counts.sum()) for c in counts]
+    binding = RoundBinding("t", 3)
+    total = sum_updates(aggregator, [encrypt_update(site_key, u, a, binding=binding)
+                                     for u, a in zip(updates, weights, strict=True)])
+    assert total is not None
+    s = fixed_point.weight_sum(weights)
+    layout = TensorLayout.of(updates[0])
+    packing = Packing.of(layout.size, site_key.preset)
+    decrypted, _ = packing.split(decrypt_vector(site_key, total.ciphertexts, packing.payload_size))
+    exact = _grid_sum(updates, weights)
+    assert np.array_equal(fixed_point.snap(decrypted), exact)
+    assert not np.array_equal(decrypted, exact)  # there was CKKS noise to remove
+    got = decrypt_global(site_key, wire.ciphertexts_to_record(total.ciphertexts), layout, s,
+                         binding=binding)
+    plain = layout.unflatten(fixed_point.mean(fixed_point.sum_on_grid(
+        fixed_point.on_grid(layout.flatten(u), a) for u, a in zip(updates, weights, strict=True)),
+        s))
+    for name in layout.unflatten(exact):
+        assert got[name].tobytes() == plain[name].tobytes(), name
+
+
+def test_update_that_skipped_the_grid_is_refused(site_key: SiteKey) -> None:
+    """Correct check values beside data not rounded to the grid: the second signal fires."""
+    t = tensors()
+    layout = TensorLayout.of(t)
+    packing = Packing.of(layout.size, site_key.preset)
+    weight = 0.3
+    payload = packing.join(layout.flatten(t) * weight,
+                           check_values(UNBOUND, packing.ciphertexts) * weight)
+    record = wire.ciphertexts_to_record(encrypt_vector(site_key, payload))
+    with pytest.raises(IntegrityError, match="not a sum of grid-rounded updates"):
+        decrypt_global(site_key, record, layout, weight)
 
 
 def test_headroom_refuses_values_that_could_overflow(site_key: SiteKey) -> None:
@@ -120,7 +184,8 @@ def test_reply_and_instruction_records(site_key: SiteKey) -> None:
     })
     instruction = read_instruction(content)
     assert instruction.server_round == 2 and instruction.site_weight == 0.2
-    assert np.allclose(instruction.global_tensors(site_key, layout)["fc.bias"], t["fc.bias"])
+    assert np.allclose(instruction.global_tensors(site_key, layout)["fc.bias"], t["fc.bias"],
+                       rtol=0, atol=fixed_point.STEP / 2 / 0.5)  # the grid, and no CKKS noise
 
     content.config_records[wire.CRYPTO][wire.FINGERPRINT] = "another federation"
     with pytest.raises(InstructionError, match="install the site.ctx"):

@@ -1,9 +1,10 @@
 """The ServerApp: composes a strategy from the run config and runs the federation.
 
 Encrypted runs use `strategies.EncryptedFedAvg` with the aggregator's params-only key; plaintext
-runs use Flower's own FedAvg behind the same reply checks (`strategies.CheckedFedAvg`), so the
-two are directly comparable. Either way the aggregator never builds a model: round 1 starts
-from the seed every site derives. The strategy's run history is what results.json reports.
+runs use Flower's FedAvg behind the same reply checks with the same weights and grid arithmetic
+(`strategies.CheckedFedAvg`), so the two give sites the same global bit for bit. Either way
+the aggregator never builds a model: round 1 starts from the seed every site derives. The
+strategy's run history is what results.json reports.
 """
 
 import time
@@ -40,17 +41,18 @@ def build_strategy(config: RunConfig) -> RunStrategy:
         min_evaluate_nodes=config.min_sites,
         min_available_nodes=config.min_sites,
     )
+    weighting: dict[str, Any] = dict(uniform_weights=config.uniform_weights,
+                                     max_site_weight=config.max_site_weight)  # a_k, either way
     if not config.encrypted:
-        return CheckedFedAvg(**common)
+        return CheckedFedAvg(**weighting, **common)
     if not config.key_dir:
         raise ConfigError("encrypted runs need run config 'key-dir': a folder holding the "
                           f"{wire.AGGREGATOR_KEY_FILE} written by `fedhealth keys init --out DIR`")
     key = load_aggregator_context(Path(config.key_dir) / wire.AGGREGATOR_KEY_FILE)
     checkpoint_dir = Path(config.out_dir) / wire.CHECKPOINT_DIR if config.out_dir else None
-    return EncryptedFedAvg(key, uniform_weights=config.uniform_weights,
-                           max_site_weight=config.max_site_weight,
-                           checkpoint_dir=checkpoint_dir, resume=config.resume,
-                           reply_verifier=_signature_hook(Path(config.key_dir)), **common)
+    return EncryptedFedAvg(key, checkpoint_dir=checkpoint_dir, resume=config.resume,
+                           reply_verifier=_signature_hook(Path(config.key_dir)),
+                           **weighting, **common)
 
 
 def _signature_hook(key_dir: Path) -> ReplyHook | None:

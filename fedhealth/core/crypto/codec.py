@@ -14,6 +14,11 @@ decrypts to noise; a site that multiplied by another weight moves s; a ciphertex
 another round or position carries other constants. Each fails the check.
 What it cannot catch: a site that knows the protocol can encrypt correct check values beside
 poisoned data (CKKS is malleable; these are not a MAC), and perturbations below the tolerance.
+
+The grid. Data values are encrypted as a_k * w rounded to `fixed_point.STEP`, so their sum is a
+grid value: after decryption, rounding to the grid removes the CKKS noise exactly, and a value
+far from the grid is a second corruption signal (checked after the check values, whose message
+says more about the cause).
 """
 
 import hashlib
@@ -25,6 +30,7 @@ import tenseal as ts
 import tenseal.sealapi as seal
 from flwr.app import ArrayRecord
 
+from fedhealth.core import fixed_point
 from fedhealth.core.crypto.keys import SiteKey
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.presets import CkksPreset
@@ -174,8 +180,10 @@ def _to_slots(vector: np.ndarray, complex_slots: bool) -> np.ndarray:
 def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: float,
                    *, binding: RoundBinding = UNBOUND, weight_sum_bound: float = 1.0
                    ) -> ArrayRecord:
-    """E(weight * (tensors + check values of `binding`)) as an ArrayRecord of ciphertexts.
+    """E(weight * tensors on the grid, weight * check values of `binding`) as an ArrayRecord.
 
+    The data values are rounded to `fixed_point`'s grid (so the decrypted sum can be made
+    exact); the check values are not (their sum s * c must come out as the site predicts it).
     `weight_sum_bound` bounds s = sum of all sites' weights (1 for the strategy's normalised
     a_k); the headroom check refuses values whose encrypted sum could overflow.
     """
@@ -183,17 +191,19 @@ def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: floa
     largest = float(np.max(np.abs(vector), initial=1.0))
     key.preset.check_headroom(largest * max(weight_sum_bound, weight))
     packing = Packing.of(len(vector), key.preset)
-    payload = packing.join(vector, check_values(binding, packing.ciphertexts))
-    return ciphertexts_to_record(encrypt_vector(key, payload * weight))
+    payload = packing.join(fixed_point.on_grid(vector, weight),
+                           check_values(binding, packing.ciphertexts) * weight)
+    return ciphertexts_to_record(encrypt_vector(key, payload))
 
 
 def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weight_sum: float,
                    *, binding: RoundBinding = UNBOUND) -> dict[str, np.ndarray]:
-    """Decrypt E(sum a_k w_k), verify its check values, divide by s = sum a_k: the weighted
-    mean, as named tensors. `binding` names the round whose replies were summed.
+    """Decrypt E(sum a_k w_k), verify its check values, round it to the exact grid sum and
+    divide by s = sum a_k: the weighted mean, as named tensors, bit for bit the one a plaintext
+    run computes (`fixed_point`). `binding` names the round whose replies were summed.
 
-    Raises IntegrityError when any ciphertext cannot be decrypted or its check values differ
-    from s * c.
+    Raises IntegrityError when any ciphertext cannot be decrypted, its check values differ
+    from s * c, or its data values lie off the grid.
     """
     if not weight_sum > 0:
         raise ValueError(f"weight sum s must be positive, got {weight_sum}")
@@ -205,7 +215,14 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
                              f"({exc}): it is damaged or was built for another layout") from None
     vector, found = packing.split(payload)
     verify_checks(found, binding, weight_sum)
-    return layout.unflatten(vector / weight_sum)
+    try:
+        summed = fixed_point.snap(vector)
+    except fixed_point.OffGridError as exc:
+        raise IntegrityError(f"the global of round {binding.server_round} passes its check "
+                             f"values but is not a sum of grid-rounded updates ({exc}): a site "
+                             "that did not round its update, or damage the check values missed"
+                             ) from None
+    return layout.unflatten(fixed_point.mean(summed, weight_sum))
 
 
 def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -> None:
