@@ -16,12 +16,18 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT = 600  # seconds; small mode takes a fraction of this on 2 CPU cores
+# Notebooks that run federations name what they learnt: {strategy label: mean balanced accuracy}.
+LEARNED = "FEDERATED_BALANCED_ACCURACY"
+LEARNS = {"01_quickstart", "02_personalization"}
+LEARNS_ABOVE = 0.7  # clearly off chance (0.5) after the small mode's rounds
 # Appended after the last cell: every Rich table the notebook holds, with its title, headers and rows.
 LIST_TABLES = """import json as _json
 from rich.table import Table as _Table
-print(_json.dumps([{"title": str(t.title or ""), "headers": [str(c.header) for c in t.columns],
-                    "rows": t.row_count} for t in list(globals().values()) if isinstance(t, _Table)]))
-"""
+print(_json.dumps({"tables": [{"title": str(t.title or ""), "rows": t.row_count,
+                                "headers": [str(c.header) for c in t.columns]}
+                               for t in list(globals().values()) if isinstance(t, _Table)],
+                    "learned": globals().get(_LEARNED)}))
+""".replace("_LEARNED", repr(LEARNED))
 
 
 def _words(text: str) -> set[str]:
@@ -29,8 +35,9 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[\w/.%()'-]+", re.sub(r"\x1b\[[0-9;]*m", " ", text)))  # no ANSI styles
 
 
-def _execute(notebook: nbformat.NotebookNode, folder: Path) -> list[dict[str, object]]:
-    """Run `notebook` in `folder`; return the Rich tables it ends up holding (see LIST_TABLES)."""
+def _execute(notebook: nbformat.NotebookNode, folder: Path) -> dict[str, object]:
+    """Run `notebook` in `folder`; return the Rich tables it ends up holding and what it says it
+    learnt (see LIST_TABLES)."""
     notebook.cells.append(nbformat.v4.new_code_cell(LIST_TABLES))
     NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
                    resources={"metadata": {"path": str(folder)}}).execute()
@@ -73,7 +80,8 @@ def test_notebook_runs_and_ends_with_a_figure_and_a_table(
     monkeypatch.setenv("FEDHEALTH_NOTEBOOK_DIR", str(work))
     notebook = nbformat.read(path, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    tables = _execute(notebook, tmp_path)
+    state = _execute(notebook, tmp_path)
+    tables: list[dict[str, object]] = state["tables"]  # type: ignore[assignment]
 
     *cells, interpreter, _ = _code_cells(notebook)
     assert interpreter.outputs[0]["text"].strip() == sys.executable
@@ -83,6 +91,10 @@ def test_notebook_runs_and_ends_with_a_figure_and_a_table(
     assert _shows_a_table(closing, tables), f"{path.name} does not end with a table"
     assert list(tmp_path.iterdir()) == [work], f"{path.name} wrote into its working directory"
     assert len(list(work.iterdir())) == 1, f"{path.name} did not write into one temporary folder"
+    learned = state["learned"]
+    if path.stem in LEARNS:
+        assert isinstance(learned, dict) and learned, f"{path.name} does not say what it learnt"
+        assert max(learned.values()) > LEARNS_ABOVE, f"{path.name}: no federated run learnt: {learned}"
 
 
 def test_table_detection_needs_a_printed_table_with_rows(tmp_path: Path) -> None:
@@ -94,5 +106,5 @@ def test_table_detection_needs_a_printed_table_with_rows(tmp_path: Path) -> None
                              (make + "table.add_row('0', '0.500')\nprint('no table here')", False),
                              (make + "rprint(table)", False)):
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
-        tables = _execute(notebook, tmp_path)
+        tables = _execute(notebook, tmp_path)["tables"]
         assert _shows_a_table(_code_cells(notebook)[0].outputs, tables) is expected, source
