@@ -28,9 +28,10 @@ GRID_BITS = 20
 STEP = 2.0**-GRID_BITS
 """The grid step, 2^-20 ~ 9.5e-7. Chosen from the CKKS decode error measured at every preset
 (benchmarks/grid_rounding.py): the largest |decrypted - exact| over a ciphertext summed from 100
-sites is 5.6e-9 (`default`, `compact`) and 7.2e-9 (`nvflare`), growing as sqrt(K): ~2.3e-8 at
-1000 sites. STEP / 2 = 4.8e-7 leaves a margin of 65x at 100 sites and 20x at 1000; a finer grid
-(2^-24: margin 4x at 100 sites) would quantise less but could round a noisy sum the wrong way."""
+sites is at most 5.7e-9 (`default`, `compact`) and 7.2e-9 (`nvflare`), growing as sqrt(K): ~2.3e-8
+at 1000 sites. STEP / 2 = 4.8e-7 leaves a margin of 65x at 100 sites and 20x at 1000; a finer
+grid (2^-24: margin 4x at 100 sites) would quantise less but could round a noisy sum the wrong
+way."""
 OFF_GRID_TOLERANCE = STEP / 8
 """Largest distance from the grid a decrypted sum may show (16x the error measured at 100
 sites). Values from another key, damaged ciphertexts or anything not summed from grid values
