@@ -5,9 +5,10 @@ reply signed with the site's signing key). A global that fails its check values 
 site trains and evaluates from the last global it accepted (kept in its state folder under the
 training id; the run seed's model if there is none) and its reply says which round it refused,
 so the aggregator knows. Plaintext runs speak Flower FedAvg's format (`arrays` + `config` in,
-`arrays` + `metrics` out) so they can be compared with the same training code. Every reply names
-its site in `fh.crypto` (plaintext replies carry that record with the site name alone), never
-anything about patients.
+`arrays` + `metrics` out) so they can be compared with the same training code; the global they
+receive is the aggregator's grid mean (`fedhealth.core.fixed_point`), the same bits an encrypted
+site decrypts, so the two modes train identically. Every reply names its site in `fh.crypto`
+(plaintext replies carry that record with the site name alone), never anything about patients.
 """
 
 import logging

@@ -97,10 +97,15 @@ def weight_sum(weights: Iterable[float]) -> float:
     return math.fsum(weights)
 
 
-def mean(summed: np.ndarray, total_weight: float) -> np.ndarray:
-    """The weighted mean the exact grid sum stands for: summed / s, in float64."""
+def check_weight_sum(total_weight: float) -> None:
+    """Refuse an s no mean can be divided by (checked before decrypting, and by `mean`)."""
     if not total_weight > 0:
         raise ValueError(f"weight sum s must be positive, got {total_weight}")
+
+
+def mean(summed: np.ndarray, total_weight: float) -> np.ndarray:
+    """The weighted mean the exact grid sum stands for: summed / s, in float64."""
+    check_weight_sum(total_weight)
     return np.asarray(summed, dtype=np.float64) / total_weight
 
 

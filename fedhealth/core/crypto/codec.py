@@ -205,8 +205,7 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
     Raises IntegrityError when any ciphertext cannot be decrypted, its check values differ
     from s * c, or its data values lie off the grid.
     """
-    if not weight_sum > 0:
-        raise ValueError(f"weight sum s must be positive, got {weight_sum}")
+    fixed_point.check_weight_sum(weight_sum)
     packing = Packing.of(layout.size, key.preset)
     try:
         payload = decrypt_vector(key, record_to_ciphertexts(record), packing.payload_size)

@@ -61,7 +61,8 @@ class Instruction:
     def global_tensors(self, key: SiteKey, layout: TensorLayout) -> dict[str, np.ndarray] | None:
         """Checked and decrypted shared tensors, or None in round 1.
 
-        Raises `codec.IntegrityError` when the global fails its check values.
+        Raises `codec.IntegrityError` when the global fails its check values or lies off the
+        grid `fixed_point` rounds updates to.
         """
         self.check(key, layout)
         if self.global_record is None:
