@@ -207,6 +207,8 @@ def test_encrypted_run_survives_a_site_killed_after_round_1(federation: Federati
     results_dir = federation.coordinator.results_dir
     results = json.loads((results_dir / "results.json").read_text())
     assert any((results_dir / "checkpoint").iterdir())
+    # the coordinator sees how the sites did without opening results.json: the table's mean cell
+    assert f"{results['mean']['balanced_accuracy']:.3f} ±" in output
     assert set(results["train_by_round"]["1"]) == set(SITES)
     assert set(results["train_by_round"]["2"]) == set(results["evaluate_by_round"]["2"]) == {"a", "b"}
     # c's absence is recorded (an error reply from the SuperLink), in round 1's evaluation or

@@ -5,13 +5,11 @@ modules import torch, MONAI, TenSEAL and Flower inside their functions, never at
 `fedhealth --help` (and every `--help`) answers without loading them (tests/test_cli_startup.py).
 """
 
-import os
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from fedhealth.app.console import report_console
 from fedhealth.app.deployment import commands as deployment
 from fedhealth.app.keys_command import keys_init
 from fedhealth.app.synth_command import synth
@@ -34,12 +32,6 @@ keys_app.command("init")(keys_init)
 federation_app.command("init")(deployment.federation_init)
 federation_app.command("start")(deployment.federation_start)
 federation_app.command("run")(deployment.federation_run)
-
-
-def report_console() -> Console:
-    """The terminal's width (or $COLUMNS); 120 columns in a log, where Rich's 80 cuts site names."""
-    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
-    return Console() if wide else Console(width=120)
 
 
 @app.command()

@@ -146,6 +146,24 @@ def federation_run(
         raise _fail(f"run {run_id} ended as '{status}'; see `flwr log {run_id}` with "
                     f"FLWR_HOME={bundle.root / 'flwr-home'}", code=1)
     console.print(f"[green]run {run_id} completed[/green]; results in {bundle.results_dir}")
+    _print_results(bundle.results_dir)
+
+
+def _print_results(results_dir: Path) -> None:
+    """How each site did, so a coordinator need not open results.json (the ServerApp wrote it)."""
+    import json
+
+    from fedhealth.app.console import report_console
+    from fedhealth.app.report import results_table
+    from fedhealth.core.crypto import wire
+
+    path = results_dir / wire.RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        console.print(f"[yellow]no per-site table: cannot read {path} ({err})[/yellow]")
+        return
+    report_console().print(results_table([results]))
 
 
 def site_start(
