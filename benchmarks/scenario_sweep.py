@@ -60,8 +60,8 @@ def main() -> None:
         synthesize(folder / "hospitals", scenario, args.seed, overwrite=True)
         results = compare(folder / "hospitals", folder / "results.json",
                           args.strategies.split(","), RunConfig(seed=args.seed),
-                          repeats=args.seeds, on_run=lambda tag: print(f"  {name}: {tag}",
-                                                                       flush=True))
+                          repeats=args.seeds,
+                          on_run=lambda tag, name=name: print(f"  {name}: {tag}", flush=True))
         seconds = time.perf_counter() - started
         rows = summarize(results["runs"])  # type: ignore[arg-type]
         print(markdown(name, rows, seconds), flush=True)

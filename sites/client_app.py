@@ -32,7 +32,7 @@ from sites.exchange import Exchange, census_reply, read_exchange, read_run_confi
 from sites.failure import record_failure
 from sites.personal_store import PersonalStore
 from sites.site_settings import SiteSettings, resolve_site
-from sites.training import TrainSettings, evaluate_site, local_round
+from sites.training import TrainSettings, dataset_size, evaluate_site, local_round
 
 app = ClientApp()
 
@@ -160,7 +160,7 @@ def _census(message: Message, context: Context, config: RunConfig,
             site: SiteSettings) -> tuple[int, RecordDict]:
     if not is_census(message.content):
         raise ValueError("unknown query: this site answers only the fedhealth census")
-    count = site.disclosure.count(len(site_data(site, config).train))
+    count = site.disclosure.count(dataset_size(site_data(site, config).train))
     return 0, census_reply(message.content, site, count)
 
 

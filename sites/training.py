@@ -5,9 +5,9 @@ tensors they load, which parameters they train, and which anchor the proximal te
 """
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def local_round(policy: Policy, model_name: str, *, global_shared: Mapping[str, 
                                               epochs=settings.local_epochs, seed=fit_seed,
                                               anchor=pull)
         kept |= {PERSONAL_MODEL_PREFIX + n: t for n, t in _to_numpy(mine.state_dict()).items()}
-    return RoundOutput(shared=shared, personal=kept, num_examples=len(splits.train),
+    return RoundOutput(shared=shared, personal=kept, num_examples=dataset_size(splits.train),
                        metrics=metrics)
 
 
@@ -154,7 +154,7 @@ def score_on_site(model: nn.Module, splits: Splits, settings: TrainSettings,
     if own_statistics:
         estimate_norm_statistics(model, splits.train, settings)
     threshold = None
-    if task == "classification" and splits.num_classes == 2 and len(splits.val) > 0:
+    if task == "classification" and splits.num_classes == 2 and dataset_size(splits.val) > 0:
         threshold = operating_threshold(*_predict(model, splits.val, settings, task))
     return evaluate_model(model, dataset, settings, task, threshold=threshold)
 
@@ -251,7 +251,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns for each class that is absent, as intended
         per_class = compute_roc_auc(logits.softmax(dim=1), onehot, average="none")
-    defined = [a for a in per_class if not np.isnan(a)]
+    defined = [float(a) for a in np.atleast_1d(np.asarray(per_class, dtype=float)) if not np.isnan(a)]
     return {"accuracy": (predicted == labels).float().mean().item(),
             "balanced_accuracy": balanced_accuracy(predicted, labels),
             "balanced_accuracy_se": bootstrap_se(predicted, labels),
@@ -293,7 +293,8 @@ def _dice(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     classes = logits.shape[1]
     predicted = nn.functional.one_hot(logits.argmax(dim=1), classes).movedim(-1, 1)
     truth = nn.functional.one_hot(masks[:, 0].long(), classes).movedim(-1, 1)
-    dice = DiceMetric(include_background=False, ignore_empty=False)(predicted, truth)
+    dice = cast(torch.Tensor, DiceMetric(include_background=False, ignore_empty=False)(predicted,
+                                                                                     truth))
     return {"dice": dice.mean().item()}
 
 
@@ -345,6 +346,8 @@ class BalancedCrossEntropy(nn.Module):
     absent from the site needs no entry.
     """
 
+    class_weight: torch.Tensor
+
     def __init__(self, labels: Sequence[int]) -> None:
         super().__init__()
         counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long)).float()
@@ -363,7 +366,7 @@ def dataset_labels(dataset: Dataset) -> list[int]:
         return [label for part in dataset.datasets for label in dataset_labels(part)]
     items = getattr(dataset, "data", None)  # MONAI datasets keep their undecoded item dicts
     if items is None:
-        items = (dataset[i] for i in range(len(dataset)))  # type: ignore[arg-type]
+        items = (dataset[i] for i in range(dataset_size(dataset)))
     return [int(item["label"]) for item in items]
 
 
@@ -435,9 +438,15 @@ def _loss(task: Task) -> nn.Module:
     return DiceLoss(to_onehot_y=True, softmax=True)
 
 
+def dataset_size(dataset: Dataset) -> int:
+    """Examples in a site's dataset: every one a site builds (MONAI's, their concatenations) is
+    Sized, which torch's `Dataset` type does not say."""
+    return len(cast(Sized, dataset))
+
+
 def _require_examples(splits: Splits, split: str) -> Dataset:
     dataset = getattr(splits, split)
-    if len(dataset) == 0:
+    if dataset_size(dataset) == 0:
         raise ValueError(f"site {splits.name!r}: the {split} split is empty; "
                          "check its data folder with `fedhealth site check`")
     return dataset

@@ -110,6 +110,7 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
                                          out_dir=str(work / tag))
                     runs.append({**simulate(run_config, superlink=superlink), "seed": seed})
     add_rounds_to_target(runs, target_fraction)
-    results = {"runs": runs, "summary": [s.to_json() for s in summarize(runs)]}
+    results: dict[str, object] = {"runs": runs,
+                                  "summary": [s.to_json() for s in summarize(runs)]}
     write_json_atomically(out, results)
     return results

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from statistics import mean, stdev
+from typing import cast
 
 METRIC = "balanced_accuracy"
 STANDARD_ERROR = f"{METRIC}_se"
@@ -104,7 +105,7 @@ def add_rounds_to_target(runs: Sequence[dict[str, object]],
         run["target"] = None if reference is None else fraction * reference
         run["rounds_to_target"] = reached
         run["uplink_bytes_to_target"] = (None if reached is None else
-                                         reached * float(run.get("uplink_bytes_per_round") or 0))
+                                         reached * _number(run.get("uplink_bytes_per_round")))
 
 
 def summarize(runs: Sequence[Run]) -> list[StrategySummary]:
@@ -127,9 +128,9 @@ def _summary(label: str, group: list[Run]) -> StrategySummary:
                        stdev(site_means) if len(site_means) > 1 else None)
     curves = [site_curve(run) for run in group]
     curve = {r: mean(c[r] for c in curves if r in c) for r in sorted({r for c in curves for r in c})}
-    reached = [float(run["rounds_to_target"]) for run in group  # type: ignore[arg-type]
+    reached = [_number(run["rounds_to_target"]) for run in group
                if run.get("rounds_to_target") is not None]
-    uplinks = [float(run["uplink_bytes_to_target"]) for run in group  # type: ignore[arg-type]
+    uplinks = [_number(run["uplink_bytes_to_target"]) for run in group
                if run.get("uplink_bytes_to_target") is not None]
     first = group[0]
     return StrategySummary(
@@ -140,9 +141,8 @@ def _summary(label: str, group: list[Run]) -> StrategySummary:
         auc=mean(mean(m.get("auc", 0.5) for m in p.values()) for p in per_site_runs),
         curve=curve, rounds_to_target=mean(reached) if reached else None,
         uplink_bytes_to_target=mean(uplinks) if uplinks else None,
-        seconds=mean(float(run["seconds"]) for run in group),  # type: ignore[arg-type]
-        uplink_bytes_per_round=mean(float(run.get("uplink_bytes_per_round") or 0)  # type: ignore[arg-type]
-                                    for run in group))
+        seconds=mean(_number(run["seconds"]) for run in group),
+        uplink_bytes_per_round=mean(_number(run.get("uplink_bytes_per_round")) for run in group))
 
 
 def _mean_ci(per_site_runs: Sequence[Mapping[str, Mapping[str, float]]]) -> float:
@@ -153,8 +153,13 @@ def _mean_ci(per_site_runs: Sequence[Mapping[str, Mapping[str, float]]]) -> floa
 
 
 def _per_site(run: Run) -> dict[str, dict[str, float]]:
-    return {site: dict(metrics) for site, metrics in run["per_site"].items()  # type: ignore[union-attr]
-            if METRIC in metrics}
+    per_site = cast(Mapping[str, Mapping[str, float]], run["per_site"])
+    return {site: dict(metrics) for site, metrics in per_site.items() if METRIC in metrics}
+
+
+def _number(value: object) -> float:
+    """A run's optional numeric field (None for baselines) as a float."""
+    return float(cast(float, value or 0))
 
 
 def _mean_metric(run: Run) -> float:
