@@ -6,7 +6,7 @@ tensors they load, which parameters they train, and which anchor the proximal te
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol, cast
 
 import numpy as np
@@ -21,7 +21,7 @@ from fedhealth.core.models import Task, build_model, model_spec
 from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX, Partition, Policy
 
 Arrays = dict[str, np.ndarray]
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # config.OPTIMIZER_NAMES
 
 
 class Splits(Protocol):
@@ -38,35 +38,38 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_RUN_DEFAULTS = RunConfig()
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training knobs. `head_epochs` is FedRep's head-only phase before the body's epochs."""
+    """Local training knobs: the run config's training fields (and its defaults), plus what only a
+    site decides. `head_epochs` is FedRep's head-only phase before the body's epochs."""
 
-    local_epochs: int = 1
-    batch_size: int = 16
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    proximal_mu: float = 0.01
+    local_epochs: int = _RUN_DEFAULTS.local_epochs
+    batch_size: int = _RUN_DEFAULTS.batch_size
+    optimizer: str = _RUN_DEFAULTS.optimizer
+    learning_rate: float = _RUN_DEFAULTS.learning_rate
+    proximal_mu: float = _RUN_DEFAULTS.proximal_mu
+    image_size: int = _RUN_DEFAULTS.image_size
+    balanced_loss: bool = _RUN_DEFAULTS.balanced_loss
     head_epochs: int = 1
-    image_size: int = 64
-    balanced_loss: bool = False
     device: str = field(default_factory=default_device)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of "
-                             f"{', '.join(OPTIMIZERS)}")
-        if min(self.local_epochs, self.head_epochs, self.batch_size) < 1:
-            raise ValueError("local_epochs, head_epochs and batch_size must be at least 1")
-        if self.learning_rate <= 0 or self.proximal_mu < 0:
-            raise ValueError("learning_rate must be > 0 and proximal_mu >= 0")
+        # The run config refuses bad values when it is built; this guards settings built directly.
+        replace(_RUN_DEFAULTS, **{f.name: getattr(self, f.name) for f in fields(self)
+                                  if f.name in _RUN_FIELDS})
+        if self.head_epochs < 1:
+            raise ValueError(f"head_epochs must be at least 1, got {self.head_epochs}")
 
     @classmethod
     def from_run_config(cls, config: RunConfig) -> "TrainSettings":
-        return cls(local_epochs=config.local_epochs, batch_size=config.batch_size,
-                   optimizer=config.optimizer, learning_rate=config.learning_rate,
-                   proximal_mu=config.proximal_mu, image_size=config.image_size,
-                   balanced_loss=config.balanced_loss)
+        return cls(**{name: getattr(config, name) for name in _RUN_FIELDS})
+
+
+_RUN_FIELDS = tuple(f.name for f in fields(TrainSettings) if f.name in
+                    {g.name for g in fields(RunConfig)})
 
 
 @dataclass(frozen=True)

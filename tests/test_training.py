@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from fedhealth.core.config import RunConfig
+from fedhealth.core.config import OPTIMIZER_NAMES, RunConfig
 from fedhealth.core.models import build_model
 from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX, POLICY_NAMES, get_policy
 from sites.training import (
+    OPTIMIZERS,
     BalancedCrossEntropy,
     TrainSettings,
     classification_metrics,
@@ -199,7 +200,7 @@ def test_bad_inputs_fail_clearly(site: Site) -> None:
     shared.pop("class_layers.out.bias")
     with pytest.raises(ValueError, match="missing.*class_layers.out.bias"):
         _round("fedavg", site, global_shared=shared)
-    with pytest.raises(ValueError, match="unknown optimizer"):
+    with pytest.raises(ValueError, match="optimizer.*choose one of"):
         TrainSettings(optimizer="lbfgs")
 
 
@@ -245,3 +246,13 @@ def test_balanced_loss_lifts_balanced_accuracy_on_a_site_with_one_rare_class() -
         model = train_centrally("tiny", skewed, settings, num_classes=2, seed=0, epochs=2)
         scores[balanced] = evaluate_model(model, Blobs(64, seed=5), settings)["balanced_accuracy"]
     assert scores[True] > scores[False] + 0.1, scores
+
+
+def test_settings_take_the_run_configs_defaults_and_optimizers() -> None:
+    assert set(OPTIMIZERS) == set(OPTIMIZER_NAMES)
+    defaults, settings = RunConfig(), TrainSettings()
+    assert (settings.local_epochs, settings.learning_rate, settings.optimizer,
+            settings.batch_size) == (defaults.local_epochs, defaults.learning_rate,
+                                     defaults.optimizer, defaults.batch_size)
+    with pytest.raises(ValueError, match="learning-rate"):
+        TrainSettings(learning_rate=-1.0)
