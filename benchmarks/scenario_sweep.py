@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedhealth.app.compare import STRATEGY_NAMES, compare
-from fedhealth.app.summary import StrategySummary, summarize
+from fedhealth.app.summary import StrategySummary
 from fedhealth.core.config import RunConfig
 from fedhealth.core.synth.federation import synthesize
 from fedhealth.core.synth.scenarios import SCENARIO_NAMES, get_scenario
@@ -63,7 +63,7 @@ def main() -> None:
                           repeats=args.seeds,
                           on_run=lambda tag, name=name: print(f"  {name}: {tag}", flush=True))
         seconds = time.perf_counter() - started
-        rows = summarize(results["runs"])  # type: ignore[arg-type]
+        rows = results.summaries
         print(markdown(name, rows, seconds), flush=True)
         sweep[name] = {"seconds": seconds, "images_per_site": [s.images for s in scenario.sites],
                        "summary": [row.to_json() for row in rows]}

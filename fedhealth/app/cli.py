@@ -111,5 +111,5 @@ def compare_command(
     results = compare(data, out, names, config, repeats=repeats, plaintext_too=plaintext_too,
                       target_fraction=target_fraction,
                       on_run=lambda label: console.log(f"running {label}"))
-    console.print(results_table(results["runs"]))  # type: ignore[arg-type]
-    console.print(f"plot: {plot_results(results['runs'], out.with_suffix('.png'))}")  # type: ignore[arg-type]
+    console.print(results_table(results.runs))
+    console.print(f"plot: {plot_results(results.runs, out.with_suffix('.png'))}")

@@ -9,13 +9,18 @@ on each site's own test split with the same training schedule (rounds x local ep
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch.utils.data import ConcatDataset, Dataset
 
 from fedhealth.app.simulation import local_superlink, simulate
-from fedhealth.app.summary import TARGET_FRACTION, add_rounds_to_target, summarize
+from fedhealth.app.summary import (
+    TARGET_FRACTION,
+    StrategySummary,
+    add_rounds_to_target,
+    summarize,
+)
 from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.keys import init_key_files
@@ -72,13 +77,12 @@ def run_baseline(name: str, sites: Sequence[SiteSplits], config: RunConfig) -> d
 def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfig, *,
             repeats: int = 1, plaintext_too: bool = False,
             target_fraction: float = TARGET_FRACTION,
-            on_run: Callable[[str], None] = lambda label: None) -> dict[str, object]:
+            on_run: Callable[[str], None] = lambda label: None) -> "Comparison":
     """Run every strategy on the federation in `data_dir`, with seeds base.seed .. +repeats-1.
 
     A seed sets the patient split, the initial model and the shuffles; every strategy gets the
-    same ones, so differences between rows are the strategies'. Writes and returns
-    `{"runs": [...], "summary": [...]}`: one run per strategy, mode and seed, and one summary per
-    strategy and mode (means over seeds with 95% intervals, `fedhealth.app.summary`).
+    same ones, so differences between rows are the strategies'. Writes `out` as
+    `{"runs": [...], "summary": [...]}` and returns the same as a `Comparison`.
     Simulated sites share one state folder, so each decodes its DICOM once for the whole grid.
     """
     work = out.parent / f"{out.stem}-runs"
@@ -110,7 +114,18 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
                                          out_dir=str(work / tag))
                     runs.append({**simulate(run_config, superlink=superlink), "seed": seed})
     add_rounds_to_target(runs, target_fraction)
-    results: dict[str, object] = {"runs": runs,
-                                  "summary": [s.to_json() for s in summarize(runs)]}
-    write_json_atomically(out, results)
+    results = Comparison(runs, summarize(runs))
+    write_json_atomically(out, results.to_json())
     return results
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every run (as its results.json record, plus seed and rounds_to_target) and one summary per
+    strategy and mode (means over seeds with 95% intervals, `fedhealth.app.summary`)."""
+
+    runs: list[dict[str, object]]
+    summaries: list[StrategySummary]
+
+    def to_json(self) -> dict[str, object]:
+        return {"runs": self.runs, "summary": [s.to_json() for s in self.summaries]}

@@ -68,9 +68,9 @@ def _run_part(part: DemoPart, out: Path, seed: int, console: Console) -> Path:
 
         results = compare(data, results_path, part.strategies, replace(DEMO_CONFIG, seed=seed),
                           on_run=advance)
-    runs = results["runs"]
+    runs = results.runs
     title = f"{scenario.name}: balanced accuracy on each site's own test split"
-    console.print(results_table(runs, title=title))  # type: ignore[arg-type]
-    plot = plot_results(runs, out / "results.png", title=scenario.name)  # type: ignore[arg-type]
+    console.print(results_table(runs, title=title))
+    plot = plot_results(runs, out / "results.png", title=scenario.name)
     console.print(f"results: {results_path}\nplot:    {plot}")
     return results_path

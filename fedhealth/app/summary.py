@@ -85,8 +85,8 @@ def rounds_to_target(curve: Mapping[int, float], target: float) -> int | None:
 
 def site_curve(run: Run) -> dict[int, float]:
     """Mean of `METRIC` over the sites evaluated in each round of a federated run."""
-    rounds: Mapping[str, Mapping[str, Mapping[str, float]]] = run.get(  # type: ignore[assignment]
-        "evaluate_by_round") or {}
+    rounds = cast(Mapping[str, Mapping[str, Mapping[str, float]]],
+                  run.get("evaluate_by_round") or {})
     return {int(r): mean(m[METRIC] for m in sites.values())
             for r, sites in rounds.items() if sites and all(METRIC in m for m in sites.values())}
 
@@ -135,7 +135,7 @@ def _summary(label: str, group: list[Run]) -> StrategySummary:
     first = group[0]
     return StrategySummary(
         label=label, strategy=str(first["strategy"]),
-        encrypted=first.get("encrypted"),  # type: ignore[arg-type]
+        encrypted=cast(bool | None, first.get("encrypted")),
         seeds=len(group), per_site=per_site, mean=overall,
         worst_site=min(sites, key=lambda s: per_site[s].mean) if sites else "",
         auc=mean(mean(m.get("auc", 0.5) for m in p.values()) for p in per_site_runs),
