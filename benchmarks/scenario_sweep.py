@@ -38,7 +38,7 @@ def markdown(name: str, rows: list[StrategySummary], seconds: float) -> str:
                    if row.rounds_to_target is None else f"{row.rounds_to_target:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {row.mean.mean:.3f} ± {row.mean.ci95:.3f} | {sd} | {reached} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
