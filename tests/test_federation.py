@@ -165,14 +165,13 @@ class _JoiningGrid:
         return list(range(min(self.polls, self.nodes)))
 
 
-def test_server_waits_for_expected_sites_then_for_no_longer_than_join_timeout(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_server_waits_for_expected_sites_then_for_no_longer_than_join_timeout() -> None:
     grid = _JoiningGrid(nodes=3)
     assert wait_for_sites(grid, replace(CONFIG, expected_sites=3), poll_seconds=0) == 3
     stuck = _JoiningGrid(nodes=2)
     config = replace(CONFIG, expected_sites=3, join_timeout=0.05)
     assert wait_for_sites(stuck, config, poll_seconds=0.01) == 2
-    assert "2 of 3 expected sites connected" in caplog.text
+    assert stuck.polls > 1  # it kept polling until the timeout, then started with those there
 
 
 # --------------------------------------------------------------- what a site sends
