@@ -33,8 +33,8 @@ class DemoPart:
 
 
 DEMO_PARTS = (
-    DemoPart("feature-shift", 600, ("local", "pooled", "fedavg", "fedbn")),
-    DemoPart("concept-shift", 600, ("local", "pooled", "fedavg", "fedper", "ditto")),
+    DemoPart("feature-shift", 500, ("local", "pooled", "fedavg", "fedbn")),
+    DemoPart("concept-shift", 500, ("local", "pooled", "fedavg", "fedper", "ditto")),
 )
 DEMO_CONFIG = RunConfig()  # the run-config defaults: the demo shows what a user gets
 
