@@ -130,7 +130,6 @@ def evaluate_site(policy: Policy, model_name: str, *,
     The site's model is global shared + personal tensors; under Ditto it is the personal model once
     one exists (before the first round, the global one).
     """
-    _require_examples(splits, split)
     if policy.personal_model and personal and _has_personal_model(personal):
         model = _personal_model(model_name, personal, {}, splits.num_classes, settings, seed)
     else:

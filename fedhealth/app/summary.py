@@ -38,14 +38,6 @@ class Estimate:
         se = math.sqrt(sum(e * e for e in standard_errors)) / len(standard_errors)
         return cls(mean(values), Z95 * se, stdev(values) if len(values) > 1 else None)
 
-    @property
-    def low(self) -> float:
-        return self.mean - self.ci95
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.ci95
-
 
 @dataclass(frozen=True)
 class StrategySummary:
