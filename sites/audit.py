@@ -4,7 +4,8 @@ Size and hash come from Flower's own content addressing: a RecordDict's `object_
 sha256 Merkle root of its deflated object tree, the same id the SuperLink stores it under, so
 an auditor can match a line to what the coordinator received without seeing a single value.
 An error reply has no content: its line holds the error's code and its whole text, which is
-only a category and a reference (sites.failure).
+only a category and a reference (sites.failure). An exported model (sites.bundle_export)
+gets a line too: it leaves the federation's protection.
 """
 
 import json
@@ -48,6 +49,20 @@ class AuditLog:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": int(run_id),
                  "round": server_round, "kind": kind, "bytes": len(reason.encode()),
                  "error": {"code": int(error.code), "reason": reason}}
+        return self._append(entry)
+
+    def record_pull(self, pull: dict[str, object]) -> dict:
+        """Log one PACS pull (sites/pull.py says what it holds: counts, never patient data)."""
+        return self._append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": "pacs-pull",
+                             **pull})
+
+    def record_export(self, training_id: str, server_round: int, bundle: Path,
+                      files: dict[str, str]) -> dict:
+        """Log a model leaving the federation's protection (`fedhealth site export`): the
+        training and round, where the bundle went and the sha256 of each of its files."""
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": "export",
+                 "training": training_id, "round": int(server_round),
+                 "bundle": str(Path(bundle).resolve()), "files": dict(files)}
         return self._append(entry)
 
     def _append(self, entry: dict) -> dict:

@@ -11,8 +11,11 @@ import typer
 
 from fedhealth.app.console import report_console
 from fedhealth.app.deployment import commands as deployment
+from fedhealth.app.export_command import export_command
 from fedhealth.app.keys_command import keys_init
 from fedhealth.app.synth_command import synth
+from sites.bundle_predict import predict_command
+from sites.pull import pull_command
 from sites.site_check import check_command
 
 app = typer.Typer(help="Encrypted, personalized federated learning for medical imaging.",
@@ -28,6 +31,9 @@ app.add_typer(federation_app, name="federation")
 app.command()(synth)
 site_app.command(name="check")(check_command)
 site_app.command("start")(deployment.site_start)
+site_app.command("export")(export_command)
+site_app.command("predict")(predict_command)
+site_app.command("pull")(pull_command)
 keys_app.command("init")(keys_init)
 federation_app.command("init")(deployment.federation_init)
 federation_app.command("start")(deployment.federation_start)

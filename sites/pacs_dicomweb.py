@@ -1,0 +1,149 @@
+"""Pull from a DICOMweb PACS: QIDO-RS (dicomweb-client) lists, WADO-RS streams the stored bytes.
+
+`transfer-syntax=*` in every Accept header: without it a PACS transcodes (Orthanc to Explicit
+VR Little Endian), so files would not be the stored ones, and a study it cannot transcode
+(JPEG 2000 on Orthanc) fails whole with HTTP 500. A series the site lacks entirely comes in one
+request; single missing instances one request each. TLS is verified against the system trust
+store or the given CA file, never switched off.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+
+import requests
+from dicomweb_client import DICOMwebClient
+
+from sites.pacs_client import OnInstance, PacsError, check_listed, missing_named
+from sites.pacs_multipart import MultipartError, boundary_of, split_parts
+from sites.pacs_settings import Cohort, DicomwebPacs, PacsSettingsError
+from sites.pacs_store import InstanceRef, InstanceStore, MalformedInstance
+
+ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_CHUNK = 1 << 20
+_TIMEOUT = (10, 120)  # seconds to connect, and between two bytes of a reply
+_TAG = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
+
+
+class DicomwebClient:
+    """One PACS session (keep-alive, credentials read once); use as a context manager."""
+
+    def __init__(self, pacs: DicomwebPacs) -> None:
+        self.name = pacs.url
+        self._pacs = pacs
+        self._session = requests.Session()
+        try:
+            auth = pacs.auth()
+        except PacsSettingsError as err:
+            raise PacsError(self.name, str(err)) from None
+        if isinstance(auth, tuple):
+            self._session.auth = auth
+        elif auth is not None:
+            self._session.headers["Authorization"] = f"Bearer {auth}"
+        self._session.verify = str(pacs.ca_file) if pacs.ca_file else True
+        self._qido = DICOMwebClient(pacs.url, session=self._session)
+        self._qido.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=200)
+
+    def __enter__(self) -> "DicomwebClient":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._session.close()
+
+    def find_studies(self, cohort: Cohort) -> list[str]:
+        filters = {"ModalitiesInStudy": cohort.modality,
+                   "StudyDate": f"{cohort.since}-" if cohort.since else None}
+        with self._errors(None):
+            found = self._qido.search_for_studies(
+                search_filters={k: v for k, v in filters.items() if v}, get_remaining=True)
+            return [_value(item, _TAG["study"]) for item in found]
+
+    def list_instances(self, studies: Sequence[str]) -> dict[str, list[InstanceRef]]:
+        listing = {}
+        for study in studies:
+            with self._errors(study):
+                found = self._qido.search_for_instances(
+                    study_instance_uid=study, fields=[_TAG["sop_class"]], get_remaining=True)
+                listing[study] = [InstanceRef(**{name: _value(item, tag)
+                                                 for name, tag in _TAG.items()})
+                                  for item in found]
+        return check_listed(self.name, studies, listing)
+
+    def fetch(self, missing: Sequence[InstanceRef], whole_series: frozenset[str],
+              store: InstanceStore, on_instance: OnInstance) -> None:
+        requests_: dict[str, list[InstanceRef]] = {}
+        for ref in missing:
+            key = (f"studies/{ref.study}/series/{ref.series}" if ref.series in whole_series else
+                   f"studies/{ref.study}/series/{ref.series}/instances/{ref.sop}")
+            requests_.setdefault(key, []).append(ref)
+        for path, wanted in requests_.items():
+            study = wanted[0].study
+            with self._errors(study):
+                got = self._get(path, {ref.sop: ref for ref in wanted}, store, on_instance)
+            missing_named(self.name, study, wanted, got)
+
+    def _get(self, path: str, expected: dict[str, InstanceRef], store: InstanceStore,
+             on_instance: OnInstance) -> set[str]:
+        got: set[str] = set()
+        with self._session.get(f"{self._pacs.url}/{path}", headers={"Accept": ACCEPT_STORED},
+                               stream=True, timeout=_TIMEOUT) as reply:
+            if reply.status_code == 404:
+                return got  # named by missing_named
+            reply.raise_for_status()
+            boundary = boundary_of(reply.headers.get("Content-Type", ""))
+            parts = split_parts(reply.iter_content(_CHUNK), boundary, store.incoming)
+            for part in parts:
+                ref = part.commit(expected)
+                got.add(ref.sop)
+                on_instance(part.size)
+        return got
+
+    @contextmanager
+    def _errors(self, study: str | None) -> Iterator[None]:
+        """Every way a request can fail, as one PacsError line naming PACS and study."""
+        try:
+            yield
+        except requests.exceptions.SSLError as err:
+            raise PacsError(self.name, f"TLS certificate not verified ({_reason(err)}); give the "
+                                       "PACS's CA certificate with --ca-file (ca-file)", study) from None
+        except requests.exceptions.ConnectionError as err:
+            raise PacsError(self.name, f"unreachable ({_reason(err)}); check the URL and the "
+                                       "firewall", study) from None
+        except requests.exceptions.Timeout:
+            raise PacsError(self.name, f"no answer within {_TIMEOUT[1]} s", study) from None
+        except requests.exceptions.HTTPError as err:
+            raise PacsError(self.name, _http_reason(err, self._pacs), study) from None
+        except (MultipartError, MalformedInstance, requests.exceptions.ChunkedEncodingError) as err:
+            raise PacsError(self.name, f"malformed reply: {err}", study) from None
+        except (ValueError, KeyError, TypeError, IndexError) as err:  # QIDO JSON not as specified
+            raise PacsError(self.name, f"malformed QIDO-RS reply ({type(err).__name__}: {err})",
+                            study) from None
+
+
+def _value(item: dict, tag: str) -> str:
+    """The one string value of `tag` in a DICOM JSON object (KeyError if absent)."""
+    values = item.get(tag, {}).get("Value") or [""]
+    if tag != _TAG["sop_class"] and not values[0]:
+        raise KeyError(f"no {tag} in a QIDO-RS result")
+    return str(values[0])
+
+
+def _http_reason(err: requests.exceptions.HTTPError, pacs: DicomwebPacs) -> str:
+    code = err.response.status_code if err.response is not None else 0
+    if code == 401:
+        who = f"user {pacs.user}" if pacs.user else "the token" if pacs.token_file else "no login"
+        return (f"login refused (HTTP 401) for {who}: check the account and its password or "
+                "token file")
+    if code == 403:
+        return "the account may not read this (HTTP 403): ask the PACS administrator for access"
+    reason = err.response.reason if err.response is not None else str(err)
+    return f"HTTP {code} {reason}"
+
+
+def _reason(err: Exception) -> str:
+    """The innermost cause of a requests error (refused, name not known, certificate...)."""
+    cause: BaseException = err
+    while cause.__context__ is not None:
+        cause = cause.__context__
+    return str(getattr(cause, "strerror", None) or cause)[:200]
