@@ -31,8 +31,9 @@ from sites.dataset import SiteSplits, load_site
 from sites.exchange import Exchange, census_reply, read_exchange, read_run_config
 from sites.failure import record_failure
 from sites.personal_store import PersonalStore
+from sites.round_archive import RoundArchive, RoundFacts, site_tensors
 from sites.site_settings import SiteSettings, resolve_site
-from sites.training import TrainSettings, dataset_size, evaluate_site, local_round
+from sites.training import TrainSettings, dataset_size, local_round, score_site
 
 app = ClientApp()
 
@@ -76,10 +77,13 @@ class SiteRound:
         self.settings = TrainSettings.from_run_config(self.config)
         self.run_id = context.run_id
 
+    @property
+    def layout(self) -> TensorLayout:
+        return shared_layout(self.config.model, self.config.policy, self.splits.num_classes,
+                             self.config.image_size)
+
     def global_shared(self) -> dict[str, np.ndarray] | None:
-        return self.exchange.global_shared(shared_layout(
-            self.config.model, self.config.policy, self.splits.num_classes,
-            self.config.image_size))
+        return self.exchange.global_shared(self.layout)
 
 # One call's answer: (server round, reply content), from the message, the run config and the site.
 Answer = Callable[[Message, Context, RunConfig, SiteSettings], tuple[int, RecordDict]]
@@ -147,9 +151,17 @@ def _train(message: Message, context: Context, config: RunConfig,
 def _evaluate(message: Message, context: Context, config: RunConfig,
               site: SiteSettings) -> tuple[int, RecordDict]:
     work = SiteRound(message, context, config, site)
-    metrics = evaluate_site(work.policy, work.config.model, global_shared=work.global_shared(),
-                            personal=work.store.load(), splits=work.splits,
-                            settings=work.settings, seed=work.config.seed)
+    global_shared = work.global_shared()
+    score = score_site(work.policy, work.config.model, global_shared=global_shared,
+                       personal=work.store.load(), splits=work.splits, settings=work.settings,
+                       seed=work.config.seed)
+    metrics = dict(score.metrics)
+    if (received := work.exchange.received) is not None:  # kept to export this round's model
+        scored = {n: t.detach().cpu().numpy() for n, t in score.model.state_dict().items()}
+        facts = RoundFacts.scored(site.name, received, config.to_flower(), work.layout,
+                                  site.limits, score.threshold, metrics, dataset_size(work.splits.train))
+        RoundArchive(site.state_dir, site.name).keep(received, facts,
+                                                     site_tensors(scored, global_shared))
     num_examples = int(metrics.pop("num-examples"))
     shown = site.disclosure
     return work.exchange.server_round, work.exchange.evaluate_reply(

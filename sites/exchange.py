@@ -59,6 +59,12 @@ class Exchange(Protocol):
     def global_shared(self, layout: TensorLayout) -> Arrays | None:
         """The global model's shared tensors, or None when sites start from the seed."""
 
+    @property
+    def received(self) -> Instruction | None:
+        """The instruction as it arrived, E(global) still encrypted: what the site files to
+        export the round's model later (sites.round_archive); None in plaintext runs, whose
+        globals are comparison runs' and are not kept."""
+
     def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
                     site: str) -> RecordDict:
         """The reply carrying this site's shared tensors."""
@@ -107,6 +113,10 @@ class EncryptedExchange:
     def server_round(self) -> int:
         return self.instruction.server_round
 
+    @property
+    def received(self) -> Instruction | None:
+        return self.instruction
+
     def personal_key(self, run_id: int) -> str:
         # Flower's run id changes when the coordinator resumes from a checkpoint; this does not
         return self.instruction.training_id
@@ -144,6 +154,10 @@ class PlaintextExchange:
     @property
     def server_round(self) -> int:
         return int(self.content[PLAIN_CONFIG]["server-round"])  # type: ignore[arg-type]
+
+    @property
+    def received(self) -> Instruction | None:
+        return None
 
     def personal_key(self, run_id: int) -> str:
         return str(run_id)  # plaintext runs have no checkpoint to resume from

@@ -1,7 +1,9 @@
 """Where a site keeps tensors between rounds: Context.state and its state directory.
 
-Two kinds are kept: its personal tensors (`PERSONAL`), and the last global whose check values
-it verified (`ACCEPTED_GLOBAL`), which it falls back to when a later global fails its check.
+Three kinds are kept: its personal tensors (`PERSONAL`), the last global whose check values
+it verified (`ACCEPTED_GLOBAL`), which it falls back to when a later global fails its check, and
+the globals it scored, still encrypted, with what it needs to export them (`RECEIVED_GLOBAL`,
+filed by sites.round_archive).
 `Context.state` lives as long as the SuperNode process; the state directory survives a restart.
 Loading prefers the former and falls back to the latter. Each (kind, site, training) has its own
 record and file, so two runs or two virtual sites sharing a directory never mix.
@@ -21,6 +23,7 @@ from fedhealth.core.atomic_file import write_atomically
 
 PERSONAL = "personal"
 ACCEPTED_GLOBAL = "accepted-global"
+RECEIVED_GLOBAL = "received-global"
 
 
 class PersonalStoreError(RuntimeError):
@@ -32,14 +35,14 @@ class PersonalStore:
 
     state: the ClientApp's `context.state` (or None); state_dir: a folder on the site's disk, or
     None / "" for none; run_key: what identifies the training (the aggregator's training id);
-    site: the site's name; kind: `PERSONAL` or `ACCEPTED_GLOBAL`.
+    site: the site's name; kind: `PERSONAL`, `ACCEPTED_GLOBAL` or `RECEIVED_GLOBAL`.
     """
 
     def __init__(self, state: RecordDict | None, state_dir: str | Path | None, *,
                  run_key: str, site: str, kind: str = PERSONAL) -> None:
         self.state = state
         self.key = f"fedhealth.{kind}.{site}.{run_key}"
-        self.path = (Path(state_dir) / kind / _safe(site) / f"run-{_safe(run_key)}.npz"
+        self.path = (store_folder(state_dir, kind, site) / f"run-{path_part(run_key)}.npz"
                      if state_dir else None)
 
     def load(self) -> dict[str, np.ndarray] | None:
@@ -73,10 +76,15 @@ class PersonalStore:
         write_atomically(self.path, buffer.getbuffer())
 
 
+def store_folder(state_dir: str | Path, kind: str, site: str) -> Path:
+    """The folder holding one kind of one site's files, one `run-<run key>.npz` per training."""
+    return Path(state_dir) / kind / path_part(site)
+
+
 def _record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.asarray(t)) for name, t in tensors.items()})
 
 
-def _safe(part: str) -> str:
+def path_part(part: str) -> str:
     """A path component from a site name or run key."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", part) or "_"

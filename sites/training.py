@@ -125,7 +125,27 @@ def evaluate_site(policy: Policy, model_name: str, *,
                   global_shared: Mapping[str, np.ndarray] | None,
                   personal: Mapping[str, np.ndarray] | None, splits: Splits,
                   settings: TrainSettings, split: str = "test", seed: int = 0) -> dict[str, float]:
-    """Metrics of the site's model on one of its own splits (see `score_on_site`).
+    """Metrics of the site's model on one of its own splits (see `score_site`)."""
+    return score_site(policy, model_name, global_shared=global_shared, personal=personal,
+                      splits=splits, settings=settings, split=split, seed=seed).metrics
+
+
+@dataclass(frozen=True)
+class SiteScore:
+    """A model as its site scored it, which is how the site would deploy it: `model` holds the
+    site's own normalisation statistics under FedBN; `threshold` is the operating point chosen on
+    the site's validation split (None: argmax). What a site exports (sites.bundle_export)."""
+
+    model: nn.Module
+    threshold: float | None
+    metrics: dict[str, float]
+
+
+def score_site(policy: Policy, model_name: str, *,
+               global_shared: Mapping[str, np.ndarray] | None,
+               personal: Mapping[str, np.ndarray] | None, splits: Splits,
+               settings: TrainSettings, split: str = "test", seed: int = 0) -> SiteScore:
+    """The site's model scored on one of its own splits (see `score_on_site`).
 
     The site's model is global shared + personal tensors; under Ditto it is the personal model once
     one exists (before the first round, the global one).
@@ -135,8 +155,8 @@ def evaluate_site(policy: Policy, model_name: str, *,
     else:
         model, _ = _assemble(policy, model_name, global_shared, personal, splits.num_classes,
                              settings, seed)
-    return score_on_site(model, splits, settings, model_spec(model_name).task, split=split,
-                         own_statistics=policy.personal_layers == "norm")
+    return _score(model, splits, settings, model_spec(model_name).task, split=split,
+                  own_statistics=policy.personal_layers == "norm")
 
 
 def score_on_site(model: nn.Module, splits: Splits, settings: TrainSettings,
@@ -152,13 +172,19 @@ def score_on_site(model: nn.Module, splits: Splits, settings: TrainSettings,
     on P(finding) that maximises balanced accuracy there), as a department sets its own; the test
     split is never used to choose it. AUC does not depend on it.
     """
+    return _score(model, splits, settings, task, split=split, own_statistics=own_statistics).metrics
+
+
+def _score(model: nn.Module, splits: Splits, settings: TrainSettings, task: Task, *, split: str,
+           own_statistics: bool) -> SiteScore:
     dataset = _require_examples(splits, split)
     if own_statistics:
         estimate_norm_statistics(model, splits.train, settings)
     threshold = None
     if task == "classification" and splits.num_classes == 2 and dataset_size(splits.val) > 0:
         threshold = operating_threshold(*_predict(model, splits.val, settings, task))
-    return evaluate_model(model, dataset, settings, task, threshold=threshold)
+    return SiteScore(model, threshold,
+                     evaluate_model(model, dataset, settings, task, threshold=threshold))
 
 
 def estimate_norm_statistics(model: nn.Module, dataset: Dataset, settings: TrainSettings) -> None:

@@ -1,0 +1,109 @@
+"""The files of a MONAI Bundle as fedhealth writes them, and the inference config they hold.
+
+MONAI's convention (https://docs.monai.io/en/stable/mb_specification.html): `configs/`
+(`metadata.json`, `inference.json`), `models/model.pt` (a state dict), `docs/README.md` (the
+model card). `sites.bundle_export` writes them, `sites.bundle_predict` and `python -m
+monai.bundle run` read them. The inference config builds the network from the zoo and the
+preprocessing from `sites.dataset.site_transforms` itself, with the site's parameters, so it
+is exactly the pipeline the site trained and scored with; its data list comes from the same
+scan `fedhealth site check` runs (`sites.bundle_predict.study_items`).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+METADATA = Path("configs/metadata.json")
+INFERENCE = Path("configs/inference.json")
+WEIGHTS = Path("models/model.pt")
+MODEL_CARD = Path("docs/README.md")
+FILES = (METADATA, INFERENCE, WEIGHTS, MODEL_CARD)
+SECTION = "fedhealth"  # metadata.json's section of fedhealth facts (`BundleFacts`)
+PROBABILITIES_FILE = "predictions.csv"  # what `monai.bundle run` writes into its output_dir
+
+
+class BundleError(ValueError):
+    """A folder is not a bundle fedhealth can run, or lacks one of its files."""
+
+
+@dataclass(frozen=True)
+class BundleFacts:
+    """What a bundle's model is and how it was made: the metadata's `fedhealth` section.
+
+    threshold: the operating point on P(class 1) the site chose on its validation split (None:
+    argmax); batch_size: the run's, so a prediction batches as the site's evaluation did.
+    """
+
+    site: str
+    training_id: str
+    server_round: int
+    policy: str
+    model: str
+    task: str
+    num_classes: int
+    image_size: int
+    batch_size: int
+    max_image_mb: float
+    threshold: float | None
+    crypto_preset: str
+    key_fingerprint: str
+    preprocessing: list[str]
+
+    @classmethod
+    def read(cls, bundle: Path) -> "BundleFacts":
+        """The facts of the bundle in folder `bundle`, or BundleError naming what is missing."""
+        path = bundle / METADATA
+        try:
+            section = json.loads(path.read_text())[SECTION]
+            return cls(**section)
+        except FileNotFoundError:
+            raise BundleError(f"{bundle} is not a MONAI Bundle: it has no {METADATA}; pass the "
+                              "folder `fedhealth site export --out` wrote") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"{path} has no readable '{SECTION}' section ({err}): not a "
+                              "bundle fedhealth exported") from None
+
+
+def inference_config(facts: BundleFacts) -> dict[str, object]:
+    """`configs/inference.json`: MONAI's standard inference layout (network_def, preprocessing,
+    dataset, dataloader, evaluator with a CheckpointLoader and a ClassificationSaver)."""
+    return {
+        "imports": ["$import itertools", "$import torch",
+                    "$from monai.handlers import from_engine",
+                    "$from sites.bundle_predict import study_items"],
+        "bundle_root": ".",
+        "dataset_dir": "studies",
+        "output_dir": "$@bundle_root + '/eval'",
+        "device": "$torch.device('cpu')",
+        "network_def": {"_target_": "fedhealth.core.models.build_model", "name": facts.model,
+                        "num_classes": facts.num_classes, "image_size": facts.image_size},
+        "network": "$@network_def.to(@device)",
+        "limits": {"_target_": "sites.data_limits.DataLimits", "max_image_mb": facts.max_image_mb,
+                   "num_classes": facts.num_classes},
+        "datalist": "$study_items(@dataset_dir, @limits)",
+        "preprocessing": {"_target_": "sites.dataset.site_transforms",
+                          "image_size": facts.image_size, "task": facts.task,
+                          "limits": "@limits"},
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset",
+                       "batch_size": facts.batch_size, "shuffle": False, "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True}]},
+        "handlers": [
+            {"_target_": "CheckpointLoader", "load_path": f"$@bundle_root + '/{WEIGHTS}'",
+             "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "ClassificationSaver", "output_dir": "@output_dir",
+             "filename": PROBABILITIES_FILE, "overwrite": True,
+             # rows are named by file: the batch keeps only tensors, the data list's order does
+             "batch_transform": "$lambda batch, n=itertools.count(), items=@datalist: "
+                                "[{'filename_or_obj': items[next(n)]['image']} "
+                                "for _ in batch]",
+             "output_transform": "$from_engine(['pred'])"},
+        ],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
+                      "val_data_loader": "@dataloader", "network": "@network",
+                      "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "run": ["$@evaluator.run()"],
+    }

@@ -1,0 +1,205 @@
+"""What a hospital takes home: its model as a MONAI Bundle, and predictions on new studies.
+
+One small encrypted federation per policy (2 sites, 1 round, real TenSEAL, real Flower, real
+DICOM), on one SuperLink; every site exports its bundle and `site predict` on its test split
+must give back its last-round evaluation metrics exactly.
+"""
+
+import csv
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import verify_net_in_out
+from typer.testing import CliRunner
+
+from fedhealth.app.cli import app
+from fedhealth.app.simulation import local_superlink, simulate
+from fedhealth.core.config import RunConfig
+from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.keys import init_key_files
+from fedhealth.core.crypto.messages import Instruction
+from fedhealth.core.synth import synthesize_federation
+from sites.audit import AuditLog
+from sites.bundle_export import ExportError, export_bundle
+from sites.bundle_layout import INFERENCE, METADATA, PROBABILITIES_FILE, BundleFacts
+from sites.bundle_predict import predict, write_csv
+from sites.dataset import index_site
+from sites.round_archive import KEPT_ROUNDS, RoundArchive, RoundFacts
+from sites.training import classification_metrics
+
+POLICIES = ("fedavg", "fedbn", "ditto")
+SITES = ("hospital-1", "hospital-2")
+CONFIG = RunConfig(num_server_rounds=1, local_epochs=1, seed=0)
+METRICS = ("accuracy", "balanced_accuracy", "balanced_accuracy_se", "auc", "auc_defined", "loss")
+
+
+@pytest.fixture(scope="module")
+def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hospitals")
+    synthesize_federation(root, len(SITES), seed=3, images_per_site=30)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(hospitals: Path, key_dir: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """{policy: (out dir, results)}: one encrypted run per policy, on one SuperLink."""
+    done = {}
+    with local_superlink() as link:
+        for policy in POLICIES:
+            out = tmp_path_factory.mktemp(policy)
+            config = replace(CONFIG, policy=policy, data_dir=str(hospitals), key_dir=str(key_dir),
+                             out_dir=str(out), state_dir=str(out / "state"))
+            done[policy] = out, simulate(config, superlink=link)
+    return done
+
+
+def _test_split(site_dir: Path, into: Path) -> dict[str, int]:
+    """Copy the site's test split (as training split it) into `into`, same relative paths, so
+    it scans in the evaluation's order; return {series uid: label}."""
+    labels = {}
+    for item in index_site(site_dir, seed=CONFIG.seed).in_split("test"):
+        target = into / item.image.path.relative_to(site_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(item.image.path, target)
+        labels[item.image.series_uid] = item.label
+    return labels
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_predict_on_the_test_split_reproduces_the_last_round_metrics(
+        policy: str, runs: dict[str, tuple[Path, dict]], hospitals: Path, key_dir: Path,
+        tmp_path: Path) -> None:
+    out, results = runs[policy]
+    reported = results["evaluate_by_round"][str(CONFIG.num_server_rounds)]
+    for site in SITES:
+        bundle = export_bundle(out / "state" / site, key_dir / wire.SITE_KEY_FILE,
+                               tmp_path / site / "bundle")
+        assert (bundle.facts.site, bundle.facts.policy, bundle.facts.server_round) == (
+            site, policy, CONFIG.num_server_rounds)
+        labels = _test_split(hospitals / site, tmp_path / site / "test")
+        csv_path = write_csv(predict(bundle.path, tmp_path / site / "test"),
+                             tmp_path / site / "predictions.csv", bundle.facts.num_classes)
+        rows = _read_csv(csv_path)
+        assert [r["series_uid"] for r in rows] == list(labels)  # one row per series, in order
+        logits = torch.tensor([[float(r["logit_0"]), float(r["logit_1"])] for r in rows])
+        truth = torch.tensor([labels[r["series_uid"]] for r in rows])
+        metrics = classification_metrics(logits, truth, threshold=bundle.facts.threshold)
+        metrics["loss"] = torch.nn.CrossEntropyLoss()(logits, truth).item()
+        assert {m: metrics[m] for m in METRICS} == {m: reported[site][m] for m in METRICS}, site
+        # the CSV's class is the site's operating point applied to its probabilities
+        assert [int(r["predicted"]) for r in rows] == [
+            int(float(r["probability_1"]) >= bundle.facts.threshold) for r in rows]
+    # the export left the federation's protection: the site's audit log says so, with hashes
+    exports = [e for e in AuditLog(out / "state" / SITES[-1] / "audit.jsonl").entries()
+               if e["kind"] == "export"]
+    assert len(exports) == 1 and exports[0]["files"] == bundle.sha256
+
+
+def test_monai_runs_the_bundle_as_site_predict_does(runs: dict[str, tuple[Path, dict]],
+                                                    hospitals: Path, key_dir: Path,
+                                                    tmp_path: Path) -> None:
+    out, _ = runs["fedbn"]
+    bundle = export_bundle(out / "state" / SITES[0], key_dir / wire.SITE_KEY_FILE,
+                           tmp_path / "bundle").path
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle / METADATA),
+                      config_file=str(bundle / INFERENCE), device="cpu")
+    _test_split(hospitals / SITES[0], tmp_path / "studies")
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                    str(bundle / INFERENCE), "--bundle_root", str(bundle), "--dataset_dir",
+                    str(tmp_path / "studies"), "--output_dir", str(tmp_path / "monai")],
+                   check=True, capture_output=True)
+    with (tmp_path / "monai" / PROBABILITIES_FILE).open() as handle:
+        by_monai = [[float(v) for v in row[1:]] for row in csv.reader(handle)]
+    ours = predict(bundle, tmp_path / "studies").series
+    assert len(by_monai) == len(ours) > 0
+    assert by_monai == [list(row.probabilities) for row in ours]
+
+
+def test_export_refuses_the_wrong_keys_an_unknown_training_and_a_corrupted_global(
+        runs: dict[str, tuple[Path, dict]], key_dir: Path, tmp_path: Path) -> None:
+    out, _ = runs["fedavg"]
+    state = out / "state" / SITES[0]
+    site_key = key_dir / wire.SITE_KEY_FILE
+    with pytest.raises(ExportError, match="no secret key.*aggregator"):
+        export_bundle(state, key_dir / wire.AGGREGATOR_KEY_FILE, tmp_path / "a")
+    init_key_files(tmp_path / "other")
+    with pytest.raises(ExportError, match="another federation's"):
+        export_bundle(state, tmp_path / "other" / wire.SITE_KEY_FILE, tmp_path / "b")
+    with pytest.raises(ExportError, match=f"{SITES[0]} never took part in training nope"):
+        export_bundle(state, site_key, tmp_path / "c", training_id="nope")
+    with pytest.raises(ExportError, match="keeps rounds \\[1\\].*not round 7"):
+        export_bundle(state, site_key, tmp_path / "d", server_round=7)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(state, damaged)
+    (stored,) = damaged.glob("received-global/*/run-*.round-1.npz")
+    with np.load(stored) as saved:
+        arrays = {name: saved[name].copy() for name in saved.files}
+    arrays[wire.ciphertext_name(0)][-100] ^= 0x01  # one bit of the first ciphertext
+    np.savez(stored, **arrays)
+    with pytest.raises(ExportError, match="refused, not exported.*round 1"):
+        export_bundle(damaged, site_key, tmp_path / "e")
+    assert not any((tmp_path / p).exists() for p in "abcde")  # nothing written on refusal
+
+
+def test_site_export_and_predict_commands_with_a_site_toml(
+        runs: dict[str, tuple[Path, dict]], hospitals: Path, key_dir: Path,
+        tmp_path: Path) -> None:
+    out, _ = runs["ditto"]
+    site = SITES[1]
+    toml = tmp_path / "site.toml"
+    toml.write_text(f"""[site]
+name = "{site}"
+data-dir = "{hospitals / site}"
+state-dir = "{out / "state" / site}"
+audit-log = "{tmp_path / "audit.jsonl"}"
+[superlink]
+address = "127.0.0.1:9092"
+ca-cert = "ca.pem"
+[keys]
+node-private-key = "node.key"
+key-file = "{key_dir / wire.SITE_KEY_FILE}"
+""")
+    runner = CliRunner()
+    exported = runner.invoke(app, ["site", "export", "--config", str(toml),
+                                   "--out", str(tmp_path / "bundle")])
+    assert exported.exit_code == 0, exported.output
+    assert BundleFacts.read(tmp_path / "bundle").policy == "ditto"
+    assert [e["kind"] for e in AuditLog(tmp_path / "audit.jsonl").entries()] == ["export"]
+    predicted = runner.invoke(app, ["site", "predict", "--bundle", str(tmp_path / "bundle"),
+                                    str(hospitals / site), "--out", str(tmp_path / "p.csv")])
+    assert predicted.exit_code == 0, predicted.output
+    rows = _read_csv(tmp_path / "p.csv")
+    assert len(rows) == 30 and all(
+        abs(float(r["probability_0"]) + float(r["probability_1"]) - 1) < 1e-6 for r in rows)
+    refused = runner.invoke(app, ["site", "export", "--config", str(toml), "--out",
+                                  str(tmp_path / "again"), "--training-id", "nope"])
+    assert refused.exit_code == 2 and "never took part in training nope" in refused.output
+
+
+def test_a_site_keeps_the_newest_rounds_and_every_rounds_metrics(tmp_path: Path) -> None:
+    archive = RoundArchive(tmp_path, "h1")
+    for server_round in range(1, KEPT_ROUNDS + 3):
+        instruction = Instruction(server_round, wire.ciphertexts_to_record([b"ct"]), 1.0, 0.5,
+                                  "layout", "key", "t1", config=None,  # type: ignore[arg-type]
+                                  global_round=server_round)
+        facts = RoundFacts("h1", "t1", server_round, {}, {}, [], {}, 0.5,
+                           {"auc": server_round / 10}, 20)
+        archive.keep(instruction, facts, {"w": np.full(2, server_round, np.float32)})
+    assert archive.rounds("t1") == list(range(3, KEPT_ROUNDS + 3))
+    assert sorted(archive.history("t1"), key=int) == [str(r) for r in range(1, KEPT_ROUNDS + 3)]
+    kept = archive.load("t1", KEPT_ROUNDS + 2)
+    assert kept.ciphertexts == [b"ct"] and kept.facts.metrics == {"auc": 0.5}
+    assert np.array_equal(kept.site_tensors["w"], np.full(2, KEPT_ROUNDS + 2, np.float32))
+    assert archive.trainings() == ["t1"]
