@@ -28,6 +28,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
+from fedhealth.core.crypto.wire import LABELS_SPLIT_COLUMN, SPLITS
 from sites.data_limits import DataLimits
 from sites.dicom_files import SiteDataError, SiteDicomReader, Skipped, scan_tree
 from sites.labels import Labeled, default_labels, join_labels, read_labels
@@ -41,7 +42,6 @@ warnings.filterwarnings("ignore", message="PydicomReader: ImageOrientationPatien
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
-SPLITS = ("train", "val", "test")
 # Patients are dealt in this cycle after sorting by label: 60/20/20, stratified, and three patients
 # already fill all three splits.
 _DEAL = ("train", "val", "test", "train", "train")
@@ -102,18 +102,34 @@ def index_site(data_dir: Path, *, labels: Path | None = None, seed: int = 0,
     else:
         images = [Labeled(image, -1, None) for image in scan.images]
     patient_label: dict[str, int] = {}
+    fixed: dict[str, str] = {}
     for x in images:
-        patient_label[x.image.patient_id] = max(x.label, patient_label.get(x.image.patient_id, -1))
-    return SiteIndex(data_dir.name, scan.files, images, split_patients(patient_label, seed),
+        patient = x.image.patient_id
+        patient_label[patient] = max(x.label, patient_label.get(patient, -1))
+        if x.split is None:
+            continue
+        if fixed.setdefault(patient, x.split) != x.split:
+            raise SiteDataError(
+                f"labels file {labels}: patient {patient} has studies in both the {fixed[patient]} "
+                f"and the {x.split} split ({LABELS_SPLIT_COLUMN} column): one patient's images "
+                "share a split, or the test split sees training patients. Give them one")
+    return SiteIndex(data_dir.name, scan.files, images, split_patients(patient_label, seed, fixed),
                      skipped, labels)
 
 
-def split_patients(patient_label: Mapping[str, int], seed: int) -> dict[str, str]:
-    """Assign each patient to train/val/test: deterministic for `seed`, stratified by label."""
+def split_patients(patient_label: Mapping[str, int], seed: int,
+                   fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Assign each patient to train/val/test: deterministic for `seed`, stratified by label.
+
+    fixed: patients whose split the label manifest gives (kept); the others are dealt.
+    """
+    fixed = fixed or {}
     rng = np.random.default_rng(seed)
-    shuffled = [sorted(patient_label)[i] for i in rng.permutation(len(patient_label))]
+    dealt = sorted(set(patient_label) - set(fixed))
+    shuffled = [dealt[i] for i in rng.permutation(len(dealt))]
     ordered = sorted(shuffled, key=lambda p: patient_label[p])  # stable: random within a class
-    return {p: _DEAL[i % len(_DEAL)] for i, p in enumerate(ordered)}
+    return {**{p: _DEAL[i % len(_DEAL)] for i, p in enumerate(ordered)},
+            **{p: fixed[p] for p in patient_label if p in fixed}}
 
 
 class InvertMonochrome1d(MapTransform):

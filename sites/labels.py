@@ -1,8 +1,10 @@
 """Join a site's label manifest (CSV) to its DICOM images, and check its masks.
 
 A row is keyed by SOPInstanceUID when it has one, else by StudyInstanceUID (the label then holds
-for every image of the study). Rows that match no image and images without a row are reported, not
-fatal: a hospital's manifest and its PACS export rarely agree perfectly. What would silently train
+for every image of the study). An optional `split` column fixes the row's split (train, val or
+test: a hospital's own held-out set); rows leaving it empty are dealt by the site. Rows that
+match no image and images without a row are reported, not fatal: a hospital's manifest and its
+PACS export rarely agree perfectly. What would silently train
 on wrong data is refused: a label that is not a plain class number, two rows giving one key
 different labels, a mask path leaving the site folder, a mask that does not fit its image.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhealth.core.crypto.wire import LABELS_FILE
+from fedhealth.core.crypto.wire import LABELS_FILE, LABELS_SPLIT_COLUMN, SPLITS
 from sites.data_limits import DEFAULT_NUM_CLASSES
 from sites.dicom_files import DicomImage, SiteDataError, Skipped
 
@@ -31,15 +33,17 @@ class LabelRow:
     uid: str
     label: int
     mask: Path | None
+    split: str | None = None  # one of SPLITS, or None: the site deals it
 
 
 @dataclass(frozen=True)
 class Labeled:
-    """An image with its class and, for segmentation, its mask file."""
+    """An image with its class, for segmentation its mask file, and the split its row fixed."""
 
     image: DicomImage
     label: int
     mask: Path | None
+    split: str | None = None
 
 
 def default_labels(data_dir: Path) -> Path | None:
@@ -79,11 +83,12 @@ def read_labels(path: Path, *, site_dir: Path,
         first = by_key.setdefault((row.key, row.uid), row)
         if first is row:
             continue
-        if (first.label, first.mask) != (row.label, row.mask):
+        if (first.label, first.mask, first.split) != (row.label, row.mask, row.split):
             raise SiteDataError(
                 f"labels file {path}: rows {first.line} and {line} both give {row.key} {row.uid}, "
-                f"as label {first.label} (mask {first.mask}) and label {row.label} (mask "
-                f"{row.mask}): keep the one that is right and delete the other")
+                f"as label {first.label} (mask {first.mask}, split {first.split}) and label "
+                f"{row.label} (mask {row.mask}, split {row.split}): keep the one that is right "
+                "and delete the other")
         skipped.append(Skipped(str(path), f"row {line}: repeats row {first.line} (ignored)"))
     return list(by_key.values()), skipped
 
@@ -108,7 +113,12 @@ def _row(line: int, record: dict[str | None, object], path: Path, inside: Path,
     if not target.is_relative_to(inside):
         raise ValueError(f"mask path {mask!r} resolves to {target}, outside the site folder "
                          f"{inside}: masks must be files inside it")
-    return LabelRow(line, key, uids[key], int(text), mask_path)
+    split = record.get(LABELS_SPLIT_COLUMN)
+    split = split.strip() if isinstance(split, str) else ""
+    if split and split not in SPLITS:
+        raise ValueError(f"{LABELS_SPLIT_COLUMN} {split!r} is not one of {', '.join(SPLITS)} "
+                         "(leave it empty for the site to deal the study)")
+    return LabelRow(line, key, uids[key], int(text), mask_path, split or None)
 
 
 def mask_problem(path: Path, image: DicomImage) -> str | None:
@@ -153,7 +163,7 @@ def join_labels(images: list[DicomImage], rows: list[LabelRow],
             skipped.append(Skipped(str(image.path), f"mask {row.mask} (row {row.line} of "
                                                     f"{labels_path}): {problem}"))
             continue
-        labeled.append(Labeled(image, row.label, row.mask))
+        labeled.append(Labeled(image, row.label, row.mask, row.split))
     for row in rows:
         if row.line not in used:
             skipped.append(Skipped(str(labels_path), f"row {row.line}: {row.key} {row.uid} "

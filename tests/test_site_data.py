@@ -2,6 +2,7 @@
 
 import csv
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -134,6 +135,55 @@ def test_split_of_three_patients_fills_every_split() -> None:
         "test", "train", "val"]
     shares = list(split_patients({str(i): i % 2 for i in range(100)}, seed=1).values())
     assert [shares.count(s) for s in ("train", "val", "test")] == [60, 20, 20]
+
+
+def _rewrite_labels(site: Path, split_of: Callable[[int, dict[str, str]], str]) -> None:
+    """Give labels.csv a split column: row i gets split_of(i, row)."""
+    labels = site / "labels.csv"
+    with labels.open() as f:
+        rows = list(csv.DictReader(f))
+    with labels.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "split"])
+        writer.writeheader()
+        writer.writerows({**r, "split": split_of(i, r)} for i, r in enumerate(rows))
+
+
+def test_manifest_split_column_fixes_patients_and_the_rest_are_dealt(site: Path) -> None:
+    patients = sorted({x.image.patient_id for x in index_site(site).images})
+    held_out = set(patients[: len(patients) // 2])
+    by_sop = {x.image.sop_uid: x.image.patient_id for x in index_site(site).images}
+    _rewrite_labels(site, lambda _, r: "test" if by_sop[r["SOPInstanceUID"]] in held_out else "")
+    for seed in (0, 1):
+        index = index_site(site, seed=seed)
+        assert all(index.split[p] == "test" for p in held_out)
+        dealt = {index.split[p] for p in patients if p not in held_out}
+        assert dealt == {"train", "val", "test"}  # the others are still dealt, all three splits
+
+
+def test_manifest_split_that_splits_a_patient_is_refused(site: Path) -> None:
+    by_sop = {x.image.sop_uid: x.image.patient_id for x in index_site(site).images}
+    counts: dict[str, int] = {}
+    for patient in by_sop.values():
+        counts[patient] = counts.get(patient, 0) + 1
+    patient = next(p for p, n in counts.items() if n > 1)
+    seen: list[str] = []
+
+    def split_of(_: int, row: dict[str, str]) -> str:
+        if by_sop[row["SOPInstanceUID"]] != patient:
+            return ""
+        seen.append(row["SOPInstanceUID"])
+        return "train" if len(seen) == 1 else "test"
+
+    _rewrite_labels(site, split_of)
+    with pytest.raises(SiteDataError, match=patient):
+        index_site(site)
+
+
+def test_manifest_split_that_is_no_split_skips_its_row(site: Path) -> None:
+    _rewrite_labels(site, lambda i, _: "holdout" if i == 0 else "")
+    index = index_site(site)
+    assert len(index.images) == 39
+    assert any("row 2" in s.reason and "holdout" in s.reason for s in index.skipped)
 
 
 def test_items_are_cached_tensors_so_epochs_never_decode(site: Path) -> None:
