@@ -74,6 +74,15 @@ def run_baseline(name: str, sites: Sequence[SiteSplits], config: RunConfig) -> d
             "seconds": time.perf_counter() - started, "uplink_bytes_per_round": 0}
 
 
+KEY_FOLDER = "keys"  # in `runs_folder`: the grid's CKKS and signing keys
+STATE_FOLDER = "state"  # in `runs_folder`: the simulated sites' state, shared by every run
+
+
+def runs_folder(out: Path) -> Path:
+    """Where `compare(..., out, ...)` keeps its keys, the sites' state and each run's out-dir."""
+    return out.parent / f"{out.stem}-runs"
+
+
 def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfig, *,
             repeats: int = 1, plaintext_too: bool = False,
             target_fraction: float = TARGET_FRACTION,
@@ -85,8 +94,8 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
     `{"runs": [...], "summary": [...]}` and returns the same as a `Comparison`.
     Simulated sites share one state folder, so each decodes its DICOM once for the whole grid.
     """
-    work = out.parent / f"{out.stem}-runs"
-    key_dir = work / "keys"
+    work = runs_folder(out)
+    key_dir = work / KEY_FOLDER
     site_dirs = simulated_site_dirs(data_dir)
     names = [d.name for d in site_dirs]  # each simulated site signs its replies with its own key
     if not (key_dir / wire.AGGREGATOR_KEY_FILE).exists() or not all(
@@ -96,13 +105,13 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
     with local_superlink() as superlink:
         for seed in range(base.seed, base.seed + repeats):
             config = replace(base, seed=seed, data_dir=str(data_dir), key_dir=str(key_dir),
-                             state_dir=str(work / "state"))
+                             state_dir=str(work / STATE_FOLDER))
             for name in strategies:
                 if name in BASELINES:
                     on_run(f"{name} (seed {seed})")
                     sites = [load_site(d, image_size=config.image_size, seed=seed,
                                        task=model_spec(config.model).task,
-                                       cache_dir=work / "state" / d.name / "cache")
+                                       cache_dir=work / STATE_FOLDER / d.name / "cache")
                              for d in site_dirs]
                     runs.append({**run_baseline(name, sites, config), "seed": seed})
                     continue

@@ -4,23 +4,29 @@ Two contrasting scenarios, so the winner of each is visible: `feature-shift` (a 
 per hospital, the case FedBN targets) and `concept-shift` (each hospital labels nodules by its own
 size threshold, the case personal heads and Ditto target). For each: synthesize the hospitals,
 check each site's data, run encrypted federations against the local and pooled baselines, print
-the table with 95% intervals and write results JSON and a plot. Sized to finish in under ten
-minutes on two CPU cores.
+the table with 95% intervals and write results JSON and a plot. It ends as a hospital's project
+does: one site exports its model of the last run as a MONAI Bundle and runs it on a handful of
+new studies. Sized to finish in under ten minutes on two CPU cores.
 """
 
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
-from fedhealth.app.compare import compare
+from fedhealth.app.compare import KEY_FOLDER, STATE_FOLDER, compare, runs_folder
 from fedhealth.app.report import plot_results, results_table
 from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto import wire
 from fedhealth.core.synth.federation import synthesize
 from fedhealth.core.synth.scenarios import get_scenario
+from sites.bundle_export import export_bundle
+from sites.bundle_predict import predict, write_csv
 from sites.site_check import check_site, summary_table
+from sites.site_settings import simulated_site_dirs
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,45 @@ DEMO_PARTS = (
     DemoPart("concept-shift", 500, ("local", "pooled", "fedavg", "fedper", "ditto")),
 )
 DEMO_CONFIG = RunConfig()  # the run-config defaults: the demo shows what a user gets
+NEW_STUDIES = 6  # per hospital, synthesized after training for the exported model to score
 
 
 def run_demo(out: Path, seed: int, console: Console) -> list[Path]:
     """Run every part of the demo into `out/<scenario>/`; return the results JSON paths."""
-    return [_run_part(part, out / part.scenario, seed, console) for part in DEMO_PARTS]
+    results = [_run_part(part, out / part.scenario, seed, console) for part in DEMO_PARTS]
+    _take_home(DEMO_PARTS[-1], out / DEMO_PARTS[-1].scenario, seed, console)
+    return results
+
+
+def _take_home(part: DemoPart, out: Path, seed: int, console: Console) -> Path:
+    """The first hospital exports its model of the part's last run (its most recent training)
+    and scores new studies from its own scanner with it; returns the predictions CSV."""
+    work = runs_folder(out / wire.RESULTS_FILE)
+    site = simulated_site_dirs(out / "hospitals")[0].name
+    console.rule(f"{site} takes its model home")
+    bundle_dir = out / f"bundle-{site}"
+    shutil.rmtree(bundle_dir, ignore_errors=True)  # our scratch: a re-run exports afresh
+    bundle = export_bundle(work / STATE_FOLDER / site, work / KEY_FOLDER / wire.SITE_KEY_FILE,
+                           bundle_dir)
+    console.print(f"$ fedhealth site export --state-dir {work / STATE_FOLDER / site} "
+                  f"--key-file {work / KEY_FOLDER / wire.SITE_KEY_FILE} --out {bundle_dir}\n"
+                  f"  {bundle.facts.model} ({bundle.facts.policy}), round "
+                  f"{bundle.facts.server_round}: a MONAI Bundle in {bundle_dir}")
+    new = out / "new-studies"
+    synthesize(new, get_scenario(part.scenario).resized(images_per_site=NEW_STUDIES), seed + 1,
+               image_size=DEMO_CONFIG.image_size, overwrite=True)
+    predictions = predict(bundle.path, new / site)
+    csv_path = write_csv(predictions, out / "predictions.csv", bundle.facts.num_classes)
+    console.print(f"$ fedhealth site predict --bundle {bundle_dir} {new / site} --out {csv_path}")
+    skipped = ", ".join(Path(s.path).name for s in predictions.skipped) or "none"
+    table = Table(title=f"{site}: {len(predictions.series)} new studies (skipped: {skipped})")
+    for column in ("study", "P(finding)", "predicted"):
+        table.add_column(column, justify="left" if column == "study" else "right")
+    for row in predictions.series:
+        table.add_row(f"...{row.study_uid[-12:]}", f"{row.probabilities[-1]:.3f}",
+                      str(row.predicted))
+    console.print(table)
+    return csv_path
 
 
 def _run_part(part: DemoPart, out: Path, seed: int, console: Console) -> Path:
