@@ -15,6 +15,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from sites.bundle_layout import (
 from sites.data_limits import DataLimits
 from sites.personal_store import RECEIVED_GLOBAL, PersonalStoreError
 from sites.round_archive import ArchivedRound, ArchiveError, RoundArchive
+
+if TYPE_CHECKING:  # torch loads when an export runs, not with `fedhealth --help`
+    import torch
 
 MONAI_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
                 "0.8.1/meta_schema_20220324.json")
@@ -129,7 +133,7 @@ def _facts(kept: ArchivedRound, key: SiteKey) -> BundleFacts:
         key_fingerprint=key.fingerprint, preprocessing=[type(t).__name__ for t in steps])
 
 
-def _model(kept: ArchivedRound, key: SiteKey):  # -> torch.nn.Module (torch loads lazily)
+def _model(kept: ArchivedRound, key: SiteKey) -> "torch.nn.Module":
     """The scored model: the decrypted, checked global with the site's own tensors over it."""
     import torch
 
@@ -225,15 +229,15 @@ def model_card(facts: BundleFacts, kept: ArchivedRound,
 
 Exported by `fedhealth site export` from round {facts.server_round} of federated training
 `{facts.training_id}` (CKKS preset `{facts.crypto_preset}`, key fingerprint
-`{facts.key_fingerprint}`). It is the model exactly as the site scored it in that round: the
-federation's global, decrypted at the site, with the site's own tensors
+`{facts.key_fingerprint}`). It is the model exactly as the site scored it in that round:
+the federation's global, decrypted at the site, with the site's own tensors
 ({_personal_words(facts.policy)}).
 
-- Task: {facts.task}, {facts.num_classes} classes, input 1 x {facts.image_size} x
-  {facts.image_size} float32 in [0, 1].
+- Task: {facts.task}, {facts.num_classes} classes; input {_shape(facts)} float32 in [0, 1].
 - Operating point: {threshold}.
-- Preprocessing (`sites.dataset.site_transforms`, exactly the site's): {", ".join(facts.preprocessing)}
-  (rescale slope/intercept, window to the 0.5-99.5 percentiles, invert MONOCHROME1, resize).
+- Preprocessing: `sites.dataset.site_transforms`, exactly the site's (DICOM rescale
+  slope/intercept, window to the 0.5-99.5 percentiles, invert MONOCHROME1, resize):
+  {" > ".join(facts.preprocessing)}.
 
 ## The site's own metrics, on its test split, by round
 
@@ -258,6 +262,10 @@ probabilities); `verify_net_in_out` checks the network against {METADATA}.
 """
 
 
+def _shape(facts: BundleFacts) -> str:
+    return f"1 x {facts.image_size} x {facts.image_size}"
+
+
 def _personal_words(policy: str) -> str:
     return {"fedbn": "its own normalisation layers, their statistics measured on its training "
                      "images", "ditto": "Ditto's personal model, which is what it deploys",
@@ -265,7 +273,7 @@ def _personal_words(policy: str) -> str:
         policy, "only BatchNorm's batch counters: every weight is the global's")
 
 
-def _weights(network) -> bytes:
+def _weights(network: "torch.nn.Module") -> bytes:
     import torch
 
     buffer = io.BytesIO()

@@ -56,7 +56,7 @@ class RoundFacts:
     server_round: int
     instruction: dict[str, object]
     run_config: dict[str, object]  # `RunConfig.to_flower()` of the run
-    layout: list[list[object]]  # the shared layout E(global) decrypts into
+    layout: list[tuple[str, list[int], str]]  # the shared layout E(global) decrypts into
     limits: dict[str, object]  # the site's `DataLimits`: classes, largest image decoded
     threshold: float | None
     metrics: dict[str, float]
@@ -70,7 +70,7 @@ class RoundFacts:
         received = {f.name: getattr(instruction, f.name) for f in fields(Instruction)
                     if f.name not in ("global_record", "config")}
         return cls(site, instruction.training_id, instruction.server_round, received,
-                   dict(run_config), [[n, list(shape), dtype] for n, shape, dtype in layout.entries],
+                   dict(run_config), [(n, list(shape), dtype) for n, shape, dtype in layout.entries],
                    asdict(limits), threshold, {k: float(v) for k, v in metrics.items()}, int(train_examples))
 
 
@@ -91,8 +91,7 @@ class ArchivedRound:
                            config=ConfigRecord(), **fields)  # type: ignore[arg-type]
 
     def shared_layout(self) -> TensorLayout:
-        return TensorLayout(tuple((str(n), tuple(int(d) for d in s), str(t))  # type: ignore[union-attr]
-                                  for n, s, t in self.facts.layout))
+        return TensorLayout(tuple((n, tuple(s), t) for n, s, t in self.facts.layout))
 
 
 def site_tensors(scored: Mapping[str, np.ndarray],

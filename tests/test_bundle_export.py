@@ -99,8 +99,10 @@ def test_predict_on_the_test_split_reproduces_the_last_round_metrics(
         metrics["loss"] = torch.nn.CrossEntropyLoss()(logits, truth).item()
         assert {m: metrics[m] for m in METRICS} == {m: reported[site][m] for m in METRICS}, site
         # the CSV's class is the site's operating point applied to its probabilities
+        threshold = bundle.facts.threshold
+        assert threshold is not None  # a binary classifier with a validation split
         assert [int(r["predicted"]) for r in rows] == [
-            int(float(r["probability_1"]) >= bundle.facts.threshold) for r in rows]
+            int(float(r["probability_1"]) >= threshold) for r in rows]
     # the export left the federation's protection: the site's audit log says so, with hashes
     exports = [e for e in AuditLog(out / "state" / SITES[-1] / "audit.jsonl").entries()
                if e["kind"] == "export"]
