@@ -114,7 +114,10 @@ class DicomwebClient:
             raise PacsError(self.name, f"no answer within {_TIMEOUT[1]} s", study) from None
         except requests.exceptions.HTTPError as err:
             raise PacsError(self.name, _http_reason(err, self._pacs), study) from None
-        except (MultipartError, MalformedInstance, requests.exceptions.ChunkedEncodingError) as err:
+        except requests.exceptions.ChunkedEncodingError:
+            raise PacsError(self.name, "malformed reply: cut off mid-way (the connection closed "
+                                       "early); run the pull again", study) from None
+        except (MultipartError, MalformedInstance) as err:
             raise PacsError(self.name, f"malformed reply: {err}", study) from None
         except (ValueError, KeyError, TypeError, IndexError) as err:  # QIDO JSON not as specified
             raise PacsError(self.name, f"malformed QIDO-RS reply ({type(err).__name__}: {err})",

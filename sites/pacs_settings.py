@@ -8,6 +8,7 @@ variable), so a password is never on a command line, in a shell history or in si
 import csv
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -215,3 +216,18 @@ def _secret(path: Path | None, env: str, what: str) -> str:
         raise PacsSettingsError(f"no {what}: put it in a file only you can read (chmod 600) and "
                                 f"name it (password-file / token-file), or set {env}")
     return value
+
+
+def site_toml_pull(site_toml: Path, labels: Path | None) -> PullSettings | None:
+    """site.toml's [pacs] section (None without one); `labels` is the site's label manifest,
+    whose studies are the cohort as for `site pull --labels`."""
+    try:
+        table = tomllib.loads(site_toml.read_text()).get(PACS_SECTION)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise PacsSettingsError(f"cannot read {site_toml}: {err}") from None
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise PacsSettingsError(f"{site_toml}: [{PACS_SECTION}] must be a table")
+    return pull_settings(table, base=site_toml.resolve().parent,
+                         where=f"{site_toml} [{PACS_SECTION}]", labels=labels)

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedhealth.core.crypto import wire
+
 console = Console(stderr=True)
 _SITE_HINT = ("'Failed to activate SuperNode' above means the coordinator has not registered this "
               "site's node.pub; 'CERTIFICATE_VERIFY_FAILED' means ca.pem is not the CA that "
@@ -171,12 +173,17 @@ def site_start(
     max_wait: Annotated[float | None, typer.Option(
         help="Give up after this many seconds without reaching the SuperLink.")] = None,
 ) -> None:
-    """Check config and data, then run this site's SuperNode (TLS + node authentication)."""
+    """Check config, bring the data up to date with the PACS ([pacs] in site.toml), check the
+    data, then run this site's SuperNode (TLS + node authentication)."""
     from fedhealth.app.deployment import launch
     from fedhealth.app.deployment.site_config import SiteConfigError, load_site_config, preflight
 
     try:
         site = load_site_config(config)
+    except SiteConfigError as err:
+        raise _fail(str(err)) from None
+    _pull_from_pacs(site.source, site.data_dir, site.labels, site.audit_log)
+    try:
         report = preflight(site)
     except SiteConfigError as err:
         raise _fail(str(err)) from None
@@ -184,3 +191,22 @@ def site_start(
                   f"{len(report.skipped)} files skipped; connecting to {site.superlink}")
     _supervise(launch.supernode_command(site, max_wait), launch.site_env(site),
                "flower-supernode", hint=_SITE_HINT)
+
+
+def _pull_from_pacs(site_toml: Path, data_dir: Path, labels: Path | None, audit_log: Path) -> None:
+    """`fedhealth site pull` with site.toml's [pacs] settings, if it has that section; the
+    cohort is the label manifest's studies unless [pacs] names others."""
+    from sites.pacs_client import PacsError
+    from sites.pacs_settings import PacsSettingsError, site_toml_pull
+    from sites.pull import pull
+
+    manifest = labels or (data_dir / wire.LABELS_FILE)
+    try:
+        settings = site_toml_pull(site_toml, manifest if manifest.is_file() else None)
+        if settings is None:
+            return
+        console.print(f"pulling from PACS {settings.pacs.name} into {data_dir}")
+        result = pull(settings, data_dir, audit_log=audit_log)
+    except (PacsSettingsError, PacsError) as err:
+        raise _fail(str(err)) from None
+    console.print(result.summary(data_dir))
