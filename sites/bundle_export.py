@@ -72,6 +72,8 @@ def export_bundle(state_dir: Path, key_file: Path, out: Path, *, site: str | Non
         key = load_site_context(key_file)
     except KeyFileError as err:
         raise ExportError(f"cannot export without this federation's site key: {err}") from None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder: export into a new one")
     archive = RoundArchive(state_dir, site or _only_site(state_dir))
     training = _training(archive, training_id)
     try:
@@ -80,8 +82,6 @@ def export_bundle(state_dir: Path, key_file: Path, out: Path, *, site: str | Non
         raise ExportError(str(err)) from None
     facts = _facts(kept, key)
     network = _model(kept, key)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} is not empty: export into a new folder")
     hashes = {str(name): _write(out / name, data) for name, data in (
         (WEIGHTS, _weights(network)),
         (INFERENCE, _json(inference_config(facts))),

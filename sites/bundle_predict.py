@@ -75,7 +75,6 @@ def predict(bundle: Path, studies: Path) -> Predictions:
         raise SiteDataError(f"{studies} does not exist or is not a folder")
     parser = ConfigParser()
     parser.read_config(bundle / INFERENCE)
-    parser["bundle_root"] = str(bundle)
     network: torch.nn.Module = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(bundle / WEIGHTS, map_location="cpu", weights_only=True))
     network.eval()
