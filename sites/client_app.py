@@ -3,7 +3,8 @@
 train:    global model in (decrypted here and nowhere else) + personal layers from the site store
           -> local training on the site's own DICOM -> personal layers back to the store
           -> E(a_k * shared) out.
-evaluate: the same model scored on the site's held-out test split; plaintext metrics out.
+evaluate: the same model scored on the site's held-out test split; plaintext metrics out;
+          in encrypted runs the round is filed so the site can export it (sites.round_archive).
 query:    the aggregator's census of training sample counts (for a_k = n_k / sum n).
 Every reply is written to the site's audit log before it leaves. A call that fails replies
 Flower's error message with only a category and a reference (sites.failure), audited too;
@@ -159,7 +160,8 @@ def _evaluate(message: Message, context: Context, config: RunConfig,
     if (received := work.exchange.received) is not None:  # kept to export this round's model
         scored = {n: t.detach().cpu().numpy() for n, t in score.model.state_dict().items()}
         facts = RoundFacts.scored(site.name, received, config.to_flower(), work.layout,
-                                  site.limits, score.threshold, metrics, dataset_size(work.splits.train))
+                                  site.limits, score.threshold, metrics,
+                                  dataset_size(work.splits.train))
         RoundArchive(site.state_dir, site.name).keep(received, facts,
                                                      site_tensors(scored, global_shared))
     num_examples = int(metrics.pop("num-examples"))
