@@ -1,6 +1,7 @@
 """Each named scenario has the property it models, on real files the generator writes."""
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from fedhealth.app.cli import app
 from fedhealth.core.synth.federation import synthesize
 from fedhealth.core.synth.scenarios import SCENARIO_NAMES, get_scenario
+from sites.dataset import index_site
 
 
 def _write(tmp_path: Path, name: str, images: int, masks: bool = False) -> list[Path]:
@@ -86,15 +88,31 @@ def test_mixed_has_size_skew_vendors_and_prevalence_spread(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("name", SCENARIO_NAMES)
 def test_every_scenario_sizes_test_splits_for_a_tight_interval(name: str) -> None:
-    """A test split of 20% with the design's prevalence, scored at 0.85 balanced accuracy, gives a
-    95% interval of at most +-0.04 at every site (binomial standard errors per class)."""
+    """The test split (the scenario's share, else the site's 20%) with the design's prevalence,
+    scored at 0.85 balanced accuracy, gives a 95% interval of at most +-0.04 at every site
+    (binomial standard errors per class)."""
     scenario = get_scenario(name)
+    test_share = scenario.split_shares[2] if scenario.split_shares else 0.2
     for site in scenario.sites:
-        test = 0.2 * site.images
+        test = test_share * site.images
         prevalence = scenario.label_prevalence(site)
         positives, negatives = test * prevalence, test * (1 - prevalence)
         half_width = 1.96 * 0.5 * np.sqrt(0.85 * 0.15 / positives + 0.85 * 0.15 / negatives)
         assert half_width <= 0.04, (name, site)
+
+
+def test_split_shares_are_written_per_patient_and_the_site_keeps_them(tmp_path: Path) -> None:
+    scenario = get_scenario("feature-shift").resized(sites=1, images_per_site=400)
+    assert scenario.split_shares is not None
+    synthesize(tmp_path, scenario, seed=5)
+    site = next(p for p in tmp_path.iterdir() if p.is_dir())
+    index = index_site(site, seed=9)
+    written = {r["SOPInstanceUID"]: r["split"] for r in _rows(site)}
+    assert all(index.split[x.image.patient_id] == written[x.image.sop_uid] for x in index.images)
+    shares = [len(index.in_split(s)) / len(index.images) for s in ("train", "val", "test")]
+    np.testing.assert_allclose(shares, scenario.split_shares, atol=0.07)
+    with pytest.raises(ValueError, match="split_shares"):
+        replace(scenario, split_shares=(0.5, 0.5, 0.5))
 
 
 def test_cli_scenario_alone_writes_it_and_flags_override(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from fedhealth.core.crypto.wire import LABELS_FILE
+from fedhealth.core.crypto.wire import LABELS_FILE, LABELS_SPLIT_COLUMN, SPLITS
 from fedhealth.core.synth.dicom import ImageIds, write_image
 from fedhealth.core.synth.phantom import render
 from fedhealth.core.synth.scenarios import Scenario, SiteDesign, knob_scenario
@@ -92,8 +92,10 @@ def _write_site(site_dir: Path, index: int, seed: int, design: SiteDesign, size:
                 scenario: Scenario, *, masks: bool,
                 progress: Callable[[int], None] | None) -> SiteSummary:
     """One hospital: patients with 1-3 single-image studies each, nodules shuffled at the design's
-    prevalence and labelled by its protocol."""
+    prevalence and labelled by its protocol; with the scenario's split shares, each patient's
+    split written next to its labels."""
     rng = np.random.default_rng([seed, index])
+    dealer = np.random.default_rng([seed, index, 1])  # its own stream: images do not depend on it
     name = site_dir.name
     n_images, vendor = design.images, design.vendor
     shows_nodule = np.zeros(n_images, dtype=bool)
@@ -112,6 +114,8 @@ def _write_site(site_dir: Path, index: int, seed: int, design: SiteDesign, size:
         folder = hashlib.sha1(f"{seed}/{patient_id}".encode()).hexdigest()[:10]
         birth = date(1940, 1, 1) + timedelta(days=int(rng.integers(0, 60 * 365)))
         n_studies = min(int(rng.choice([1, 1, 2, 3])), n_images - image)
+        split = (SPLITS[int(dealer.choice(len(SPLITS), p=scenario.split_shares))]
+                 if scenario.split_shares else None)
         for study in range(n_studies):
             study_day = date(2020, 1, 1) + timedelta(days=int(rng.integers(0, 4 * 365)))
             ids = ImageIds(
@@ -127,6 +131,8 @@ def _write_site(site_dir: Path, index: int, seed: int, design: SiteDesign, size:
                      picture, vendor, ids)
             row = {"StudyInstanceUID": ids.study_uid, "SOPInstanceUID": ids.sop_uid,
                    "label": str(labels[image])}
+            if split:
+                row[LABELS_SPLIT_COLUMN] = split
             if masks:
                 mask_path = site_dir / MASKS_DIR / f"{ids.sop_uid}.npy"
                 mask_path.parent.mkdir(parents=True, exist_ok=True)

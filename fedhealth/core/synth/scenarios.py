@@ -32,13 +32,26 @@ class SiteDesign:
 @dataclass(frozen=True)
 class Scenario:
     """A federation design: one SiteDesign per hospital, and the nodules all of them draw
-    (radii uniform in `nodule_mm`, peak contrast `nodule_contrast` in [0, 1] intensity units)."""
+    (radii uniform in `nodule_mm`, peak contrast `nodule_contrast` in [0, 1] intensity units).
+
+    split_shares: the (train, val, test) shares of patients the label manifests fix, or None to
+    leave the split to each site (60/20/20). A benchmark fixes a large test split, so intervals
+    are narrow, and a small train split, so sites are as short of labelled cases as a hospital
+    is: only then can collaboration beat training alone.
+    """
 
     name: str
     summary: str
     sites: tuple[SiteDesign, ...]
     nodule_mm: tuple[float, float] = NODULE_MM
     nodule_contrast: float = 0.3
+    split_shares: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.split_shares is not None and (
+                min(self.split_shares) <= 0 or abs(sum(self.split_shares) - 1) > 1e-9):
+            raise ValueError(f"scenario {self.name}: split_shares {self.split_shares} must be "
+                             "three positive shares (train, val, test) summing to 1")
 
     def label_prevalence(self, site: SiteDesign) -> float:
         """The share of `site`'s images its protocol labels 1 (radii are uniform in nodule_mm)."""
@@ -104,15 +117,17 @@ def _design(images: tuple[int, ...], prevalence: tuple[float, ...], shift: float
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("iid", "one vendor and one prevalence everywhere: FedAvg should match pooled",
              _design((1600, 1600, 1600), (0.5, 0.5, 0.5), 0.0)),
-    Scenario("feature-shift", "a different vendor per site (noise, blur, contrast curve, field "
-             "of view), equal prevalence: the case FedBN targets",
-             _design((1600, 1600, 1600), (0.5, 0.5, 0.5), 1.5)),
+    Scenario("feature-shift", "a different vendor per site (contrast curve, noise, blur, field "
+             "of view), equal prevalence, few labelled cases a site: the case FedBN targets",
+             _design((1600, 1600, 1600, 1600), (0.5, 0.5, 0.5, 0.5), 1.0),
+             split_shares=(0.1, 0.1, 0.8)),
     Scenario("label-shift", "one vendor, prevalence from 15% to 85% across sites (prior shift)",
              _design((3100, 3100, 3100), (0.15, 0.5, 0.85), 0.0)),
     Scenario("concept-shift", "one vendor, but each site labels a nodule a finding only from its "
-             "own size threshold on: the case FedPer, FedRep and Ditto target",
+             "own size threshold on, few labelled cases a site: the case FedPer, FedRep and Ditto "
+             "target",
              _design((1600, 1600, 1600), (0.4, 0.6, 1.0), 0.0, (0.0, 26.0, 32.0)),
-             nodule_mm=(20.0, 40.0)),
+             nodule_mm=(20.0, 40.0), split_shares=(0.05, 0.05, 0.9)),
     Scenario("mixed", "label skew, scanner shift and size skew at once (the demo's)",
              _design((2800, 2400, 2000), tuple(spread_prevalence(3, 0.5)), 1.0)),
 )}
