@@ -36,7 +36,7 @@ from sites.bundle_layout import (
     inference_config,
 )
 from sites.data_limits import DataLimits
-from sites.personal_store import RECEIVED_GLOBAL, PersonalStoreError
+from sites.personal_store import RECEIVED_GLOBAL
 from sites.round_archive import ArchivedRound, ArchiveError, RoundArchive
 
 if TYPE_CHECKING:  # torch loads when an export runs, not with `fedhealth --help`
@@ -78,7 +78,7 @@ def export_bundle(state_dir: Path, key_file: Path, out: Path, *, site: str | Non
     training = _training(archive, training_id)
     try:
         kept = archive.load(training, server_round or archive.rounds(training)[-1])
-    except (ArchiveError, PersonalStoreError) as err:
+    except ArchiveError as err:
         raise ExportError(str(err)) from None
     facts = _facts(kept, key)
     network = _model(kept, key)

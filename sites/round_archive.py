@@ -160,18 +160,19 @@ class RoundArchive:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def load(self, training_id: str, server_round: int) -> ArchivedRound:
-        """One kept round; ArchiveError when it is not kept, PersonalStoreError if unreadable."""
+        """One kept round; ArchiveError when it is not kept or its file is unreadable."""
         if server_round not in self.rounds(training_id):
             raise ArchiveError(f"site {self.site} keeps rounds {self.rounds(training_id)} of "
                                f"training {training_id}, not round {server_round}: pass one of "
                                f"them with --round")
-        stored = self._store(training_id, server_round).load()
-        assert stored is not None  # listed just above
+        store = self._store(training_id, server_round)
         try:
+            stored = store.load()
+            assert stored is not None  # listed just above
             facts = RoundFacts(**json.loads(stored.pop(_FACTS).tobytes()))
-        except (KeyError, TypeError, ValueError) as err:
-            raise PersonalStoreError(f"{self._store(training_id, server_round).path}: its facts "
-                                     f"are unreadable ({err}); export another round") from None
+        except (PersonalStoreError, KeyError, TypeError, ValueError) as err:
+            raise ArchiveError(f"{store.path} is damaged ({err}): export another round with "
+                               f"--round (kept: {self.rounds(training_id)})") from None
         ciphertexts = [stored[n].tobytes() for n in sorted(stored) if n.startswith("ct-")]
         tensors = {n[len(_SITE_PREFIX):]: t for n, t in stored.items()
                    if n.startswith(_SITE_PREFIX)}

@@ -152,7 +152,10 @@ def test_export_refuses_the_wrong_keys_an_unknown_training_and_a_corrupted_globa
     np.savez(stored, **arrays)
     with pytest.raises(ExportError, match="refused, not exported.*round 1"):
         export_bundle(damaged, site_key, tmp_path / "e")
-    assert not any((tmp_path / p).exists() for p in "abcde")  # nothing written on refusal
+    stored.write_bytes(stored.read_bytes()[:1000])  # a truncated file, as after a full disk
+    with pytest.raises(ExportError, match="is damaged.*--round"):
+        export_bundle(damaged, site_key, tmp_path / "f")
+    assert not any((tmp_path / p).exists() for p in "abcdef")  # nothing written on refusal
 
 
 def test_site_export_and_predict_commands_with_a_site_toml(
