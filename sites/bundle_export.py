@@ -27,6 +27,7 @@ from fedhealth.core.crypto.messages import InstructionError
 from sites.audit import AuditLog
 from sites.bundle_layout import (
     FILES,
+    IMAGE_PIPELINE,
     INFERENCE,
     METADATA,
     MODEL_CARD,
@@ -82,16 +83,23 @@ def export_bundle(state_dir: Path, key_file: Path, out: Path, *, site: str | Non
         raise ExportError(str(err)) from None
     facts = _facts(kept, key)
     network = _model(kept, key)
+    hashes = write_bundle(out, facts, network, model_card(facts, kept, archive.history(training)))
+    AuditLog(audit_log or Path(state_dir) / "audit.jsonl").record_export(
+        training, facts.server_round, out, hashes)
+    return ExportedBundle(out, facts, hashes)
+
+
+def write_bundle(out: Path, facts: BundleFacts, network: "torch.nn.Module",
+                 card: str) -> dict[str, str]:
+    """Write a bundle's files into folder `out`; return {file: sha256}. `card`: the model card."""
     hashes = {str(name): _write(out / name, data) for name, data in (
         (WEIGHTS, _weights(network)),
         (INFERENCE, _json(inference_config(facts))),
         (METADATA, _json(_metadata(facts))),
-        (MODEL_CARD, model_card(facts, kept, archive.history(training)).encode()),
+        (MODEL_CARD, card.encode()),
     )}
     assert set(hashes) == {str(f) for f in FILES}
-    AuditLog(audit_log or Path(state_dir) / "audit.jsonl").record_export(
-        training, facts.server_round, out, hashes)
-    return ExportedBundle(out, facts, hashes)
+    return hashes
 
 
 def _only_site(state_dir: Path) -> str:
@@ -123,7 +131,7 @@ def _facts(kept: ArchivedRound, key: SiteKey) -> BundleFacts:
     config = RunConfig.from_flower(kept.facts.run_config)
     limits = DataLimits(**kept.facts.limits)  # type: ignore[arg-type]
     task = model_spec(config.model).task
-    steps = site_transforms(config.image_size, task, limits).transforms
+    steps = site_transforms(config.image_size, IMAGE_PIPELINE, limits).transforms
     return BundleFacts(
         site=kept.facts.site, training_id=kept.facts.training_id,
         server_round=kept.facts.server_round, policy=config.policy, model=config.model,
@@ -169,6 +177,7 @@ def _metadata(facts: BundleFacts) -> dict[str, object]:
     import torch
 
     size = [facts.image_size, facts.image_size]
+    seg = facts.task == "segmentation"
     classes = {str(c): _class_name(c, facts.num_classes) for c in range(facts.num_classes)}
     version = importlib.metadata.version("fedhealth")
     return {
@@ -194,10 +203,11 @@ def _metadata(facts: BundleFacts) -> dict[str, object]:
                                  "num_channels": 1, "spatial_shape": size, "dtype": "float32",
                                  "value_range": [0, 1], "is_patch_data": False,
                                  "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "probabilities", "format": "classes",
+            "outputs": {"pred": {"type": "probabilities",
+                                 "format": "segmentation" if seg else "classes",
                                  "num_channels": facts.num_classes,
-                                 "spatial_shape": [facts.num_classes], "dtype": "float32",
-                                 "value_range": [0, 1], "is_onehot": False,
+                                 "spatial_shape": size if seg else [facts.num_classes],
+                                 "dtype": "float32", "value_range": [0, 1], "is_onehot": seg,
                                  "channel_def": classes}}},
         SECTION: asdict(facts),
     }

@@ -20,6 +20,9 @@ MODEL_CARD = Path("docs/README.md")
 FILES = (METADATA, INFERENCE, WEIGHTS, MODEL_CARD)
 SECTION = "fedhealth"  # metadata.json's section of fedhealth facts (`BundleFacts`)
 PROBABILITIES_FILE = "predictions.csv"  # what `monai.bundle run` writes into its output_dir
+# `site_transforms(task=...)` of inference: its image-only form, which is the image's steps for
+# either task (the segmentation form only adds the training masks' steps)
+IMAGE_PIPELINE = "classification"
 
 
 class BundleError(ValueError):
@@ -66,7 +69,9 @@ class BundleFacts:
 
 def inference_config(facts: BundleFacts) -> dict[str, object]:
     """`configs/inference.json`: MONAI's standard inference layout (network_def, preprocessing,
-    dataset, dataloader, evaluator with a CheckpointLoader and a ClassificationSaver)."""
+    dataset, dataloader, evaluator with a CheckpointLoader and, for a classifier, a
+    ClassificationSaver of the class probabilities)."""
+    segmenting = facts.task == "segmentation"
     return {
         "imports": ["$import itertools", "$import torch",
                     "$from monai.handlers import from_engine",
@@ -82,24 +87,26 @@ def inference_config(facts: BundleFacts) -> dict[str, object]:
                    "num_classes": facts.num_classes},
         "datalist": "$study_items(@dataset_dir, @limits)",
         "preprocessing": {"_target_": "sites.dataset.site_transforms",
-                          "image_size": facts.image_size, "task": facts.task,
+                          "image_size": facts.image_size, "task": IMAGE_PIPELINE,
                           "limits": "@limits"},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset",
                        "batch_size": facts.batch_size, "shuffle": False, "num_workers": 0},
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True}]},
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            *([{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}] if segmenting else [])]},
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": f"$@bundle_root + '/{WEIGHTS}'",
              "load_dict": {"model": "@network"}, "map_location": "@device"},
-            {"_target_": "ClassificationSaver", "output_dir": "@output_dir",
-             "filename": PROBABILITIES_FILE, "overwrite": True,
-             # rows are named by file: the batch keeps only tensors, the data list's order does
-             "batch_transform": "$lambda batch, n=itertools.count(), items=@datalist: "
-                                "[{'filename_or_obj': items[next(n)]['image']} "
-                                "for _ in batch]",
-             "output_transform": "$from_engine(['pred'])"},
+            *([] if segmenting else [{  # masks: `fedhealth site predict` writes them as DICOM SEG
+                "_target_": "ClassificationSaver", "output_dir": "@output_dir",
+                "filename": PROBABILITIES_FILE, "overwrite": True,
+                # rows are named by file: the batch keeps only tensors, the data list's order does
+                "batch_transform": "$lambda batch, n=itertools.count(), items=@datalist: "
+                                   "[{'filename_or_obj': items[next(n)]['image']} "
+                                   "for _ in batch]",
+                "output_transform": "$from_engine(['pred'])"}]),
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
                       "val_data_loader": "@dataloader", "network": "@network",

@@ -5,10 +5,12 @@ site check` runs (every unusable one skipped with its reason), decoded and prepr
 bundle's own inference config (the site pipeline, `sites.bundle_layout`), and scored in batches
 of the run's size, so a study the site evaluated gets the very logits its evaluation computed.
 One CSV row per series: its images' mean class probabilities (a radiograph series is usually
-one image), the mean logits, and the class at the site's operating point.
+one image), the mean logits, and the class at the site's operating point. A segmentation bundle
+writes a DICOM SEG per image (sites.seg_output) and its rows give the classes' pixel shares.
 """
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -59,18 +61,25 @@ def _items(images: "list[DicomImage]") -> list[dict[str, object]]:
     return [{"image": str(i.path), "label": -1, "monochrome1": i.monochrome1} for i in images]
 
 
-def predict(bundle: Path, studies: Path) -> Predictions:
-    """Score every usable image under `studies` with the bundle in folder `bundle`."""
+def predict(bundle: Path, studies: Path, seg_dir: Path | None = None) -> Predictions:
+    """Score every usable image under `studies` with the bundle in folder `bundle`.
+
+    A segmentation bundle also writes one DICOM SEG per image into `seg_dir` (required then);
+    its rows give each class's share of the predicted pixels, and `predicted` 1 when any pixel
+    is foreground.
+    """
     import torch
     from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset
 
     from sites.dicom_files import SiteDataError, scan_tree
+    from sites.seg_output import write_seg
 
     facts = BundleFacts.read(bundle)
-    if facts.task != "classification":
-        raise BundleError(f"{bundle} holds a {facts.task} model: `site predict` writes class "
-                          "probabilities only (DICOM SEG output is not implemented yet)")
+    segmenting = facts.task == "segmentation"
+    if segmenting and seg_dir is None:
+        raise BundleError(f"{bundle} holds a segmentation model, which writes DICOM SEG "
+                          "objects: give a folder for them (--seg-dir)")
     if not studies.is_dir():
         raise SiteDataError(f"{studies} does not exist or is not a folder")
     parser = ConfigParser()
@@ -81,31 +90,64 @@ def predict(bundle: Path, studies: Path) -> Predictions:
     limits = DataLimits(facts.max_image_mb, facts.num_classes)
     scan = scan_tree(studies, max_image_bytes=limits.max_image_bytes)
     dataset = Dataset(_items(scan.images), transform=parser.get_parsed_content("preprocessing"))
-    logits = []
+    logits: list[torch.Tensor] = []
+    shares: list[torch.Tensor] = []  # segmentation: each class's share of an image's pixels
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=facts.batch_size, num_workers=0):
-            logits.append(network(batch["image"]))
+            output = network(batch["image"])
+            if not segmenting:
+                logits.append(output)
+                continue
+            for image_logits in output:
+                image = scan.images[len(shares)]
+                mask = _full_size_mask(image_logits, image)
+                write_seg(image.path, mask.numpy(), seg_dir, facts)  # type: ignore[arg-type]
+                logits.append(image_logits.mean(dim=(1, 2))[None])
+                shares.append(torch.bincount(mask.ravel(), minlength=facts.num_classes)[None]
+                              / mask.numel())
     scores = torch.cat(logits) if logits else torch.zeros(0, facts.num_classes)
-    return Predictions(_by_series(scan.images, scores, facts.threshold), list(scan.skipped))
+    if segmenting:
+        probabilities = torch.cat(shares) if shares else scores
+        rows = _by_series(scan.images, scores, probabilities,
+                          lambda p: int(p[1:].sum() > 0))
+    else:
+        rows = _by_series(scan.images, scores, scores.softmax(dim=1),
+                          lambda p: _operating_class(p, facts.threshold))
+    return Predictions(rows, list(scan.skipped))
+
+
+def _full_size_mask(logits: "torch.Tensor", image: "DicomImage") -> "torch.Tensor":
+    """The predicted classes at the source image's own Rows x Columns (nearest neighbour)."""
+    import torch
+
+    classes = logits.argmax(dim=0)[None, None].float()
+    full = torch.nn.functional.interpolate(classes, size=(image.rows, image.columns),
+                                           mode="nearest")
+    return full[0, 0].long()
+
+
+def _operating_class(probabilities: "torch.Tensor", threshold: float | None) -> int:
+    """Class 1 at or above the site's threshold on P(class 1), else the most probable class."""
+    if threshold is not None and len(probabilities) == 2:
+        return int(probabilities[1] >= threshold)
+    return int(probabilities.argmax())
 
 
 def _by_series(images: "list[DicomImage]", logits: "torch.Tensor",
-               threshold: float | None) -> list[SeriesPrediction]:
+               probabilities: "torch.Tensor",
+               decide: "Callable[[torch.Tensor], int]") -> list[SeriesPrediction]:
+    """Per-image scores averaged per series; `decide` names a series' class from its mean."""
     groups: dict[tuple[str, str, str], list[int]] = {}
     for index, image in enumerate(images):
         key = (image.patient_id, image.study_uid, image.series_uid or image.sop_uid)
         groups.setdefault(key, []).append(index)
     rows = []
     for (patient, study, series), members in groups.items():
-        mean_logits = logits[members].mean(dim=0)
-        probabilities = logits[members].softmax(dim=1).mean(dim=0)
-        if threshold is not None and len(probabilities) == 2:
-            predicted = int(probabilities[1] >= threshold)
-        else:
-            predicted = int(probabilities.argmax())
+        mean = probabilities[members].mean(dim=0)
         rows.append(SeriesPrediction(patient, study, series, len(members),
-                                     tuple(float(p) for p in probabilities),
-                                     tuple(float(x) for x in mean_logits), predicted))
+                                     tuple(float(p) for p in mean),
+                                     tuple(float(x) for x in logits[members].mean(dim=0)),
+                                     decide(mean)))
     return rows
 
 
@@ -129,6 +171,9 @@ def predict_command(
     bundle: Annotated[Path, typer.Option(help="The bundle folder `fedhealth site export` wrote.")],
     out: Annotated[Path, typer.Option(help="CSV to write: one row per series.")] = Path(
         "predictions.csv"),
+    seg_dir: Annotated[Path | None, typer.Option(
+        help="Segmentation bundles: folder for the DICOM SEG objects (default: beside --out, "
+             "<out name>-seg).")] = None,
 ) -> None:
     """Run an exported bundle on new studies: class probabilities per series.
 
@@ -141,7 +186,7 @@ def predict_command(
     console = Console(stderr=True)
     try:
         facts = BundleFacts.read(bundle)
-        predictions = predict(bundle, studies)
+        predictions = predict(bundle, studies, seg_dir or out.with_name(f"{out.stem}-seg"))
     except (BundleError, SiteDataError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None

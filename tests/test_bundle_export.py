@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from monai.bundle import verify_net_in_out
@@ -24,12 +25,14 @@ from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.keys import init_key_files
 from fedhealth.core.crypto.messages import Instruction
+from fedhealth.core.models import build_model
 from fedhealth.core.synth import synthesize_federation
 from sites.audit import AuditLog
-from sites.bundle_export import ExportError, export_bundle
+from sites.bundle_export import ExportError, export_bundle, write_bundle
 from sites.bundle_layout import INFERENCE, METADATA, PROBABILITIES_FILE, BundleFacts
 from sites.bundle_predict import predict, write_csv
 from sites.dataset import index_site
+from sites.dicom_files import scan_tree
 from sites.round_archive import KEPT_ROUNDS, RoundArchive, RoundFacts
 from sites.training import classification_metrics
 
@@ -208,3 +211,31 @@ def test_a_site_keeps_the_newest_rounds_and_every_rounds_metrics(tmp_path: Path)
     assert kept.ciphertexts == [b"ct"] and kept.facts.metrics == {"auc": 0.5}
     assert np.array_equal(kept.site_tensors["w"], np.full(2, KEPT_ROUNDS + 2, np.float32))
     assert archive.trainings() == ["t1"]
+
+
+def test_a_segmentation_bundle_writes_a_dicom_seg_on_each_source_image(tmp_path: Path) -> None:
+    synthesize_federation(tmp_path / "data", 1, seed=5, images_per_site=6,
+                          segmentation_masks=True)
+    facts = BundleFacts(site="hospital-1", training_id="t", server_round=1, policy="fedbn",
+                        model="unet", task="segmentation", num_classes=2, image_size=64,
+                        batch_size=4, max_image_mb=200.0, threshold=None,
+                        crypto_preset="default", key_fingerprint="f", preprocessing=[])
+    network = build_model("unet", num_classes=2, image_size=64, seed=1)
+    write_bundle(tmp_path / "bundle", facts, network, "card")
+    studies = tmp_path / "data" / "hospital-1"
+    predictions = predict(tmp_path / "bundle", studies, tmp_path / "seg")
+    sources = {i.sop_uid: i for i in scan_tree(studies).images}
+    segs = sorted((tmp_path / "seg").glob("*.seg.dcm"))
+    assert len(segs) == len(sources) == len(predictions.series) == 6
+    by_series = {r.series_uid: r for r in predictions.series}
+    for path in segs:
+        seg = pydicom.dcmread(path)
+        assert seg.SOPClassUID == pydicom.uid.SegmentationStorage
+        referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+        source = sources.pop(referenced.ReferencedSOPInstanceUID)  # one SEG per source image
+        assert (seg.Rows, seg.Columns) == (source.rows, source.columns)
+        assert seg.StudyInstanceUID == source.study_uid
+        # the CSV row's class share is the SEG's own foreground
+        share = float(np.asarray(seg.pixel_array, dtype=np.float64).mean())
+        assert by_series[source.series_uid].probabilities[1] == pytest.approx(share)
+    assert not sources
