@@ -144,10 +144,13 @@ class RoundArchive:
             path.unlink(missing_ok=True)
 
     def trainings(self) -> list[str]:
-        """Training ids with at least one exportable round, oldest file first."""
-        found = [(p.stat().st_mtime, m["training"]) for p in self._files()
-                 if (m := _ROUND.match(p.name))]
-        return list(dict.fromkeys(t for _, t in sorted(found)))
+        """Training ids with at least one exportable round, the most recently scored last."""
+        latest: dict[str, float] = {}
+        for path in self._files():
+            if match := _ROUND.match(path.name):
+                training = match["training"]
+                latest[training] = max(latest.get(training, 0.0), path.stat().st_mtime)
+        return sorted(latest, key=lambda training: (latest[training], training))
 
     def rounds(self, training_id: str) -> list[int]:
         """The exportable rounds of one training, in order."""
