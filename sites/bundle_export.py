@@ -115,12 +115,14 @@ def _only_site(state_dir: Path) -> str:
 
 def _training(archive: RoundArchive, training_id: str | None) -> str:
     trainings = archive.trainings()
-    if training_id is None and trainings:
+    if not trainings:
+        raise ExportError(f"site {archive.site} keeps no exportable round in {archive.folder}: "
+                          "a site keeps the rounds it scores in encrypted trainings")
+    if training_id is None:
         return trainings[-1]
     if training_id not in trainings:
-        held = ", ".join(trainings) or "none"
         raise ExportError(f"site {archive.site} never took part in training {training_id}: it "
-                          f"keeps rounds of training(s) {held}")
+                          f"keeps rounds of training(s) {', '.join(trainings)}")
     return training_id
 
 
