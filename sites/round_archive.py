@@ -69,9 +69,10 @@ class RoundFacts:
         """The facts of a round a site has just scored under `instruction`."""
         received = {f.name: getattr(instruction, f.name) for f in fields(Instruction)
                     if f.name not in ("global_record", "config")}
+        entries = [(name, list(shape), dtype) for name, shape, dtype in layout.entries]
         return cls(site, instruction.training_id, instruction.server_round, received,
-                   dict(run_config), [(n, list(shape), dtype) for n, shape, dtype in layout.entries],
-                   asdict(limits), threshold, {k: float(v) for k, v in metrics.items()}, int(train_examples))
+                   dict(run_config), entries, asdict(limits), threshold,
+                   {k: float(v) for k, v in metrics.items()}, int(train_examples))
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class RoundArchive:
     def rounds(self, training_id: str) -> list[int]:
         """The exportable rounds of one training, in order."""
         return sorted(int(m["round"]) for p in self._files()
-                      if (m := _ROUND.match(p.name)) and m["training"] == training_id)
+                      if (m := _ROUND.match(p.name)) and m["training"] == path_part(training_id))
 
     def history(self, training_id: str) -> dict[str, dict[str, object]]:
         """{round: {"metrics": ..., "train_examples": n}} of every round scored, kept or not."""
@@ -176,7 +177,9 @@ class RoundArchive:
         except (PersonalStoreError, KeyError, TypeError, ValueError) as err:
             raise ArchiveError(f"{store.path} is damaged ({err}): export another round with "
                                f"--round (kept: {self.rounds(training_id)})") from None
-        ciphertexts = [stored[n].tobytes() for n in sorted(stored) if n.startswith("ct-")]
+        ciphertexts = []
+        while (name := wire.ciphertext_name(len(ciphertexts))) in stored:
+            ciphertexts.append(stored[name].tobytes())
         tensors = {n[len(_SITE_PREFIX):]: t for n, t in stored.items()
                    if n.startswith(_SITE_PREFIX)}
         return ArchivedRound(facts, ciphertexts, tensors)
