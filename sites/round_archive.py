@@ -177,7 +177,7 @@ class RoundArchive:
         except (PersonalStoreError, KeyError, TypeError, ValueError) as err:
             raise ArchiveError(f"{store.path} is damaged ({err}): export another round with "
                                f"--round (kept: {self.rounds(training_id)})") from None
-        ciphertexts = []
+        ciphertexts: list[bytes] = []
         while (name := wire.ciphertext_name(len(ciphertexts))) in stored:
             ciphertexts.append(stored[name].tobytes())
         tensors = {n[len(_SITE_PREFIX):]: t for n, t in stored.items()
