@@ -31,6 +31,7 @@ from sites.bundle_layout import (
     INFERENCE,
     METADATA,
     MODEL_CARD,
+    PROBABILITIES_FILE,
     SECTION,
     WEIGHTS,
     BundleFacts,
@@ -268,10 +269,18 @@ tensors never left it.
         --bundle_root THIS_FOLDER --dataset_dir DICOM_FOLDER --output_dir OUT
 
 Both need Python with torch, MONAI and pydicom, and the `fedhealth` package installed (for the
-zoo network `fedhealth.core.models` and the site pipeline `sites.dataset`); neither needs a key,
-Flower, TenSEAL or a federation. `monai.bundle run` writes `OUT/predictions.csv` (file, class
-probabilities); `verify_net_in_out` checks the network against {METADATA}.
+zoo network `fedhealth.core.models` and the site pipeline `sites.dataset`; `pip install
+'fedhealth[bundle]'` adds MONAI's `fire` and `ignite` for `monai.bundle run`); neither needs a
+key, Flower, TenSEAL or a federation. {_run_output(facts)} `verify_net_in_out` checks the network
+against {METADATA}.
 """
+
+
+def _run_output(facts: BundleFacts) -> str:
+    if facts.task == "segmentation":
+        return ("`monai.bundle run` computes the masks; `site predict` writes them as DICOM SEG, "
+                "one per image, referencing it.")
+    return f"`monai.bundle run` writes `OUT/{PROBABILITIES_FILE}` (file, class probabilities)."
 
 
 def _shape(facts: BundleFacts) -> str:
