@@ -10,6 +10,7 @@ store or the given CA file, never switched off.
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import requests
 from dicomweb_client import DICOMwebClient
@@ -18,6 +19,9 @@ from sites.pacs_client import OnInstance, PacsError, check_listed, missing_named
 from sites.pacs_multipart import MultipartError, boundary_of, split_parts
 from sites.pacs_settings import Cohort, DicomwebPacs, PacsSettingsError
 from sites.pacs_store import InstanceRef, InstanceStore, MalformedInstance
+
+if TYPE_CHECKING:
+    from requests.sessions import _Settings
 
 ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 20
@@ -31,7 +35,7 @@ class DicomwebClient:
     def __init__(self, pacs: DicomwebPacs) -> None:
         self.name = pacs.url
         self._pacs = pacs
-        self._session = requests.Session()
+        self._session = _PacsSession()
         try:
             auth = pacs.auth()
         except PacsSettingsError as err:
@@ -56,7 +60,7 @@ class DicomwebClient:
                    "StudyDate": f"{cohort.since}-" if cohort.since else None}
         with self._errors(None):
             found = self._qido.search_for_studies(
-                search_filters={k: v for k, v in filters.items() if v}, get_remaining=True)
+                search_filters={k: v for k, v in filters.items() if v})
             return [_value(item, _TAG["study"]) for item in found]
 
     def list_instances(self, studies: Sequence[str]) -> dict[str, list[InstanceRef]]:
@@ -64,7 +68,7 @@ class DicomwebClient:
         for study in studies:
             with self._errors(study):
                 found = self._qido.search_for_instances(
-                    study_instance_uid=study, fields=[_TAG["sop_class"]], get_remaining=True)
+                    study_instance_uid=study, fields=[_TAG["sop_class"]])
                 listing[study] = [InstanceRef(**{name: _value(item, tag)
                                                  for name, tag in _TAG.items()})
                                   for item in found]
@@ -122,6 +126,18 @@ class DicomwebClient:
         except (ValueError, KeyError, TypeError, IndexError) as err:  # QIDO JSON not as specified
             raise PacsError(self.name, f"malformed QIDO-RS reply ({type(err).__name__}: {err})",
                             study) from None
+
+
+class _PacsSession(requests.Session):
+    """A session whose CA file wins: plain requests lets REQUESTS_CA_BUNDLE (or CURL_CA_BUNDLE)
+    replace a session's `verify`, so --ca-file would be silently ignored where they are set."""
+
+    def merge_environment_settings(self, url: str | bytes | None, proxies: Any, stream: Any,
+                                   verify: Any, cert: Any) -> "_Settings":
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.verify is not True and verify in (None, True):
+            settings["verify"] = self.verify
+        return settings
 
 
 def _value(item: dict, tag: str) -> str:

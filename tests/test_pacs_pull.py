@@ -5,25 +5,30 @@ The PACS holds a small synthetic hospital and pydicom files in eight transfer sy
 SR without pixels). Pulled files are compared with what Orthanc stores, byte for byte.
 """
 
+import contextlib
 import io
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from orthanc import CLIENT_AET, ORTHANC_AET, PASSWORD, USER, Orthanc, orthanc_available, running_orthanc
 from pydicom.tag import Tag
 from typer.testing import CliRunner
 
 from fedhealth.app.cli import app
+from fedhealth.app.deployment import pki
 from fedhealth.core.synth import synthesize_federation
 from sites.audit import AuditLog
 from sites.pacs_client import PacsError
@@ -264,6 +269,25 @@ def test_an_unreachable_pacs_and_a_truncated_reply_fail_clearly(
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(PARTIAL_SUFFIX)]
 
 
+def test_tls_is_verified_against_the_system_store_or_the_ca_file(
+        tmp_path: Path, orthanc: Orthanc, hospital: Path, password_file: Path) -> None:
+    """Orthanc 1.10's own HTTPS crashes here (SIGSEGV on the first request), so TLS is
+    terminated in front of it, with a certificate from the federation's own CA code."""
+    ca_key, ca_cert = pki.make_ca("pacs test")
+    key, cert = pki.make_server_cert(ca_key, ca_cert, "127.0.0.1")
+    (tmp_path / "server.pem").write_bytes(pki.cert_pem(cert) + pki.key_pem(key))
+    (tmp_path / "ca.pem").write_bytes(pki.cert_pem(ca_cert))
+    values = {"user": USER, "password-file": password_file, "modality": "DX"}
+    with TlsFront(orthanc, tmp_path / "server.pem") as port:
+        url = f"https://127.0.0.1:{port}/dicom-web"
+        with pytest.raises(PacsError, match=r"TLS certificate not verified .*--ca-file"):
+            pull(pull_settings({**values, "dicomweb": url}, base=tmp_path, where="test"),
+                 tmp_path / "a")
+        trusted = pull_settings({**values, "dicomweb": url, "ca-file": "ca.pem"}, base=tmp_path,
+                                where="test")
+        assert pull(trusted, tmp_path / "b").new == SYNTH_IMAGES  # over verified TLS
+
+
 # ---------------------------------------------------------------- DIMSE
 
 def test_dimse_pull_keeps_the_stored_syntax_pixels_and_values_and_resumes_with_nothing_new(
@@ -411,3 +435,36 @@ class StallingProxy:
             sink.shutdown(socket.SHUT_WR)  # a reply that ends with its connection
         except OSError:
             return
+
+
+@contextlib.contextmanager
+def TlsFront(orthanc: Orthanc, pem: Path) -> Iterator[int]:
+    """HTTPS in front of Orthanc's HTTP: a reverse proxy for GET, one reply per connection."""
+
+    class Forward(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "authorization")}
+            with requests.get(orthanc.url + self.path, headers=headers, stream=True, timeout=30) as reply:
+                self.send_response(reply.status_code)
+                self.send_header("Content-Type", reply.headers.get("Content-Type", ""))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for chunk in reply.raw.stream(1 << 16, decode_content=False):
+                    self.wfile.write(chunk)
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pem)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    # handshakes in the per-connection threads: one stuck client must not block the others
+    server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
