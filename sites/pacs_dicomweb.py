@@ -7,7 +7,8 @@ request; single missing instances one request each. TLS is verified against the 
 store or the given CA file, never switched off.
 """
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 20
 _TIMEOUT = (10, 120)  # seconds to connect, and between two bytes of a reply
+_PAGE = 1000  # QIDO-RS results per request
+_STUDIES_PER_SEARCH = 50  # StudyInstanceUIDs per search (a URL of about 3 kB)
 _TAG = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
 
 
@@ -59,20 +62,47 @@ class DicomwebClient:
         filters = {"ModalitiesInStudy": cohort.modality,
                    "StudyDate": f"{cohort.since}-" if cohort.since else None}
         with self._errors(None):
-            found = self._qido.search_for_studies(
-                search_filters={k: v for k, v in filters.items() if v})
-            return [_value(item, _TAG["study"]) for item in found]
+            found = self._all_pages(self._qido.search_for_studies, None,
+                                    search_filters={k: v for k, v in filters.items() if v})
+            return list(dict.fromkeys(_value(item, _TAG["study"]) for item in found))
 
     def list_instances(self, studies: Sequence[str]) -> dict[str, list[InstanceRef]]:
-        listing = {}
-        for study in studies:
+        """One QIDO-RS search per batch of studies (UID list matching, PS3.18 8.3.4.1)."""
+        listing: dict[str, list[InstanceRef]] = {study: [] for study in studies}
+        for start in range(0, len(studies), _STUDIES_PER_SEARCH):
+            batch = list(studies[start:start + _STUDIES_PER_SEARCH])
+            study = batch[0] + (f" (and {len(batch) - 1} more)" if len(batch) > 1 else "")
             with self._errors(study):
-                found = self._qido.search_for_instances(
-                    study_instance_uid=study, fields=[_TAG["sop_class"]])
-                listing[study] = [InstanceRef(**{name: _value(item, tag)
-                                                 for name, tag in _TAG.items()})
-                                  for item in found]
+                found = self._all_pages(
+                    self._qido.search_for_instances, study,
+                    search_filters={"StudyInstanceUID": ",".join(batch)},
+                    fields=[_TAG["sop_class"]])
+                for item in found:
+                    ref = InstanceRef(**{name: _value(item, tag) for name, tag in _TAG.items()})
+                    if ref.study in listing and ref not in listing[ref.study]:
+                        listing[ref.study].append(ref)
         return check_listed(self.name, studies, listing)
+
+    def _all_pages(self, search: Callable[..., list[dict]], study: str | None,
+                   **query: object) -> list[dict]:
+        """Every result of a QIDO-RS search, page by page (`limit`, `offset`).
+
+        Not dicomweb-client's `get_remaining`: it repeats until a page is empty, which never
+        happens on a server that ignores `offset` (Orthanc's DICOMweb 1.7 does on study searches).
+        """
+        found: list[dict] = []
+        seen: set[str] = set()
+        while True:
+            page = search(limit=_PAGE, offset=len(found), **query)
+            new = [item for item in page if json.dumps(item, sort_keys=True) not in seen]
+            seen.update(json.dumps(item, sort_keys=True) for item in new)
+            found += new
+            if len(page) < _PAGE:
+                return found
+            if not new:
+                raise PacsError(self.name, f"the PACS ignores the QIDO-RS offset, so no more than "
+                                           f"{_PAGE} results can be listed; name the cohort with a "
+                                           "study list (--study-uids or --labels)", study)
 
     def fetch(self, missing: Sequence[InstanceRef], whole_series: frozenset[str],
               store: InstanceStore, on_instance: OnInstance) -> None:

@@ -80,7 +80,8 @@ class DimseClient:
         for batch in _chunks(list(studies)):
             query = _query("IMAGE", StudyInstanceUID=batch, SeriesInstanceUID="", SOPInstanceUID="",
                            SOPClassUID="")
-            for found in self._c_find(query, batch[0] if len(batch) == 1 else None):
+            named = batch[0] + (f" (and {len(batch) - 1} more)" if len(batch) > 1 else "")
+            for found in self._c_find(query, named):
                 study = str(found.get("StudyInstanceUID", ""))
                 try:
                     ref = InstanceRef(study, str(found.get("SeriesInstanceUID", "")),
