@@ -116,20 +116,21 @@ def _design(images: tuple[int, ...], prevalence: tuple[float, ...], shift: float
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("iid", "one vendor and one prevalence everywhere: FedAvg should match pooled",
-             _design((1600, 1600, 1600), (0.5, 0.5, 0.5), 0.0)),
+             _design((1000, 1000, 1000), (0.5, 0.5, 0.5), 0.0), split_shares=(0.2, 0.1, 0.7)),
     Scenario("feature-shift", "a different vendor per site (contrast curve, noise, blur, field "
              "of view), equal prevalence, few labelled cases a site: the case FedBN targets",
              _design((1600, 1600, 1600, 1600), (0.5, 0.5, 0.5, 0.5), 1.0),
              split_shares=(0.1, 0.1, 0.8)),
     Scenario("label-shift", "one vendor, prevalence from 15% to 85% across sites (prior shift)",
-             _design((3100, 3100, 3100), (0.15, 0.5, 0.85), 0.0)),
+             _design((1200, 1200, 1200), (0.15, 0.5, 0.85), 0.0), split_shares=(0.2, 0.1, 0.7)),
     Scenario("concept-shift", "one vendor, but each site labels a nodule a finding only from its "
              "own size threshold on, few labelled cases a site: the case FedPer, FedRep and Ditto "
              "target",
              _design((1600, 1600, 1600), (0.4, 0.6, 1.0), 0.0, (0.0, 26.0, 32.0)),
              nodule_mm=(20.0, 40.0), split_shares=(0.05, 0.05, 0.9)),
     Scenario("mixed", "label skew, scanner shift and size skew at once (the demo's)",
-             _design((2800, 2400, 2000), tuple(spread_prevalence(3, 0.5)), 1.0)),
+             _design((1600, 1200, 800), tuple(spread_prevalence(3, 0.5)), 0.5),
+             split_shares=(0.2, 0.1, 0.7)),
 )}
 SCENARIO_NAMES: tuple[str, ...] = tuple(SCENARIOS)
 
