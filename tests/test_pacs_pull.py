@@ -288,6 +288,25 @@ def test_tls_is_verified_against_the_system_store_or_the_ca_file(
         assert pull(trusted, tmp_path / "b").new == SYNTH_IMAGES  # over verified TLS
 
 
+def test_site_start_pulls_the_pacs_section_before_it_checks_anything_else(
+        tmp_path: Path, orthanc: Orthanc, hospital: Path, password_file: Path) -> None:
+    shutil.copy(hospital / "labels.csv", tmp_path / "labels.csv")
+    shutil.copy(password_file, tmp_path / "pacs.password")
+    (tmp_path / "site.toml").write_text(
+        '[site]\nname = "hosp-a"\ndata-dir = "data"\nlabels = "labels.csv"\n'
+        'state-dir = "state"\naudit-log = "audit.jsonl"\n'
+        '[superlink]\naddress = "127.0.0.1:9"\nca-cert = "ca.pem"\n'
+        '[keys]\nnode-private-key = "node.key"\nkey-file = "site.ctx"\n'
+        f'[pacs]\ndicomweb = "{orthanc.dicomweb}"\nuser = "{USER}"\n'
+        'password-file = "pacs.password"\n')
+    result = CliRunner().invoke(app, ["site", "start", "--config", str(tmp_path / "site.toml")])
+    assert result.exit_code == 2  # no bundle here: the certificate check after the pull stops it
+    assert f"{SYNTH_IMAGES} new instances" in result.output and "ca.pem" in result.output
+    assert len(pulled_files(tmp_path / "data")) == SYNTH_IMAGES  # the labels' cohort
+    (line,) = AuditLog(tmp_path / "audit.jsonl").entries()
+    assert (line["kind"], line["instances"]) == ("pacs-pull", SYNTH_IMAGES)
+
+
 # ---------------------------------------------------------------- DIMSE
 
 def test_dimse_pull_keeps_the_stored_syntax_pixels_and_values_and_resumes_with_nothing_new(
