@@ -58,10 +58,12 @@ def check_listed(pacs: str, studies: Sequence[str],
     return {study: listing[study] for study in studies}
 
 
-def missing_named(pacs: str, study: str, wanted: Sequence[InstanceRef], got: set[str]) -> None:
-    """PacsError if the PACS sent fewer instances than asked for, naming (some of) them."""
+def missing_named(pacs: str, study: str, wanted: Sequence[InstanceRef], got: set[str],
+                  why: str = "") -> None:
+    """PacsError if the PACS sent fewer instances than asked for, naming (some of) them;
+    `why` is what the PACS said, if anything."""
     lost = [ref.sop for ref in wanted if ref.sop not in got]
     if lost:
         shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
-        raise PacsError(pacs, f"{len(lost)} of {len(wanted)} instances were not sent: {shown}; "
-                              "the files received are kept, run the pull again", study)
+        raise PacsError(pacs, f"{len(lost)} of {len(wanted)} instances were not sent{why}: "
+                              f"{shown}; the files received are kept, run the pull again", study)

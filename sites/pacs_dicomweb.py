@@ -111,11 +111,12 @@ class DicomwebClient:
             key = (f"studies/{ref.study}/series/{ref.series}" if ref.series in whole_series else
                    f"studies/{ref.study}/series/{ref.series}/instances/{ref.sop}")
             requests_.setdefault(key, []).append(ref)
+        got: set[str] = set()
         for path, wanted in requests_.items():
-            study = wanted[0].study
-            with self._errors(study):
-                got = self._get(path, {ref.sop: ref for ref in wanted}, store, on_instance)
-            missing_named(self.name, study, wanted, got)
+            with self._errors(wanted[0].study):
+                got |= self._get(path, {ref.sop: ref for ref in wanted}, store, on_instance)
+        for study in dict.fromkeys(ref.study for ref in missing):  # after all: the rest is kept
+            missing_named(self.name, study, [r for r in missing if r.study == study], got)
 
     def _get(self, path: str, expected: dict[str, InstanceRef], store: InstanceStore,
              on_instance: OnInstance) -> set[str]:

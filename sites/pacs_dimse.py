@@ -103,16 +103,20 @@ class DimseClient:
         for start in range(0, len(classes), _CLASSES_PER_ASSOCIATION):
             group = set(classes[start:start + _CLASSES_PER_ASSOCIATION])
             wanted = [ref for ref in missing if ref.sop_class in group]
-            received = self._c_get(wanted, sorted(group), store, on_instance)
+            received, failures = self._c_get(wanted, sorted(group), store, on_instance)
+            why = f" (C-GET status {', '.join(f'0x{c:04X}' for c in sorted(failures))})" * bool(failures)
             for study in dict.fromkeys(ref.study for ref in wanted):
-                missing_named(self.name, study, [r for r in wanted if r.study == study], received)
+                missing_named(self.name, study, [r for r in wanted if r.study == study], received,
+                              why)
 
     def _c_get(self, wanted: Sequence[InstanceRef], classes: Sequence[str], store: InstanceStore,
-               on_instance: OnInstance) -> set[str]:
-        """C-GET `wanted` in batches on one association; the SOPInstanceUIDs received."""
+               on_instance: OnInstance) -> tuple[set[str], set[int]]:
+        """C-GET `wanted` in batches on one association: the SOPInstanceUIDs received, and the
+        failure statuses the PACS answered."""
         expected = {ref.sop: ref for ref in wanted}
         received: set[str] = set()
         problems: list[str] = []
+        failures: set[int] = set()
 
         def on_store(event: Event) -> int:
             part = store.incoming()
@@ -134,17 +138,31 @@ class DimseClient:
         roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
         with self._association(ae, roles, [(evt.EVT_C_STORE, on_store)]) as assoc:
             for batch in _chunks(list(wanted)):
-                study = batch[0].study if len({r.study for r in batch}) == 1 else None
-                query = _query("IMAGE", StudyInstanceUID=sorted({r.study for r in batch}),
-                               SeriesInstanceUID=sorted({r.series for r in batch}),
-                               SOPInstanceUID=[r.sop for r in batch])
-                for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
-                    code = _status(status, self.name, study, "C-GET")
-                    if code not in (*_PENDING, _SUCCESS, _SOME_FAILED):
-                        raise PacsError(self.name, f"C-GET failed with status 0x{code:04X}", study)
+                if self._get_batch(assoc, batch, failures) and len(batch) > 1:
+                    # a PACS may fail a whole UID list for one instance it lacks (Orthanc does):
+                    # the others one by one, so that only the lacking ones are reported missing
+                    for ref in batch:
+                        if ref.sop not in received:
+                            self._get_batch(assoc, [ref], failures)
                 if problems:
-                    raise PacsError(self.name, f"malformed C-STORE: {problems[0]}", study)
-        return received
+                    raise PacsError(self.name, f"malformed C-STORE: {problems[0]}", batch[0].study)
+        return received, failures
+
+    def _get_batch(self, assoc: Association, batch: Sequence[InstanceRef],
+                   failures: set[int]) -> bool:
+        """One C-GET for `batch`; True if the PACS answered it with a failure status (added to
+        `failures`)."""
+        studies = sorted({r.study for r in batch})
+        query = _query("IMAGE", StudyInstanceUID=studies,
+                       SeriesInstanceUID=sorted({r.series for r in batch}),
+                       SOPInstanceUID=[r.sop for r in batch])
+        failed = False
+        for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+            code = _status(status, self.name, studies[0] if len(studies) == 1 else None, "C-GET")
+            if code not in (*_PENDING, _SUCCESS, _SOME_FAILED):
+                failures.add(code)
+                failed = True
+        return failed
 
     def _c_find(self, query: Dataset, study: str | None) -> Iterator[Dataset]:
         if self._find is None or not self._find.is_established:

@@ -42,8 +42,8 @@ from sites.pacs_settings import (
     pull_settings,
     site_toml_pull,
 )
-from sites.pacs_store import PARTIAL_SUFFIX
-from sites.pull import pull
+from sites.pacs_store import PARTIAL_SUFFIX, InstanceStore
+from sites.pull import open_client, pull
 from sites.site_check import check_site
 
 pytestmark = [pytest.mark.slow,
@@ -336,6 +336,22 @@ def test_dimse_pulls_a_cohort_queried_by_modality_and_date(
     settings = PullSettings(DimsePacs("127.0.0.1", orthanc.dicom_port, CLIENT_AET, ORTHANC_AET),
                             Cohort(modality="DX", since="20000101"))
     assert pull(settings, tmp_path / "site").new == SYNTH_IMAGES
+
+
+def test_instances_the_pacs_does_not_send_are_named_and_the_others_kept(
+        tmp_path: Path, orthanc: Orthanc, password_file: Path, study_list: Path) -> None:
+    """An instance listed, then gone from the PACS before its turn (deleted meanwhile)."""
+    for n, settings in enumerate((dicomweb(orthanc, password_file, study_list),
+                                  dimse(orthanc, study_list))):
+        store = InstanceStore(tmp_path / str(n))
+        with open_client(settings) as client:
+            study = settings.cohort.study_uids[0]  # type: ignore[index]
+            real = client.list_instances([study])[study][0]
+            gone = replace(real, sop="1.2.3.4.5.6.7.8.9.10")
+            with pytest.raises(PacsError, match=rf"study {study}: 1 of 2 instances were not "
+                                                rf"sent( \(C-GET status 0x[0-9A-F]+\))?: {gone.sop};"):
+                client.fetch([real, gone], frozenset(), store, lambda size: None)
+        assert store.has(real) and not store.has(gone)
 
 
 # ---------------------------------------------------------------- settings and parts
