@@ -13,7 +13,10 @@ What keeps a pull both exact and fast:
   instead of one round trip each.
 
 Over DIMSE the PACS sends data sets, not files: the file meta information (PS3.10 header) is
-written here, so a pulled file's data set bytes are the stored ones, its header is this site's.
+written here. The transfer syntax, pixel data and element values are the stored ones, not
+necessarily every byte: the PACS's toolkit may re-encode a data set it sends (Orthanc's DCMTK
+drops group lengths and trailing padding, corrects VRs, re-deflates a deflated one). DICOMweb
+is the bit-exact path.
 """
 
 import socket

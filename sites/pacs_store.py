@@ -8,6 +8,7 @@ pull killed at any moment leaves complete files and, at worst, temporary ones th
 pull deletes first.
 """
 
+import fcntl
 import os
 import tempfile
 import warnings
@@ -99,14 +100,29 @@ class Incoming:
         return ref
 
 
+class StoreBusy(RuntimeError):
+    """Another pull is writing into the same folder."""
+
+
 class InstanceStore:
-    """The pulled files under `root`; opening it deletes what a killed pull left behind."""
+    """The pulled files under `root`, for one pull at a time (an exclusive lock on the folder
+    itself: no lock file among the site's files). Opening it deletes what a killed pull left
+    behind; `close` releases the folder."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise StoreBusy(f"another pull is writing into {self.root}; wait for it to end") from None
         for leftover in self.root.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        os.close(self._lock)  # releases the lock
 
     def path(self, ref: InstanceRef) -> Path:
         return self.root / ref.study / ref.series / f"{ref.sop}.dcm"

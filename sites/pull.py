@@ -63,10 +63,13 @@ def pull(settings: PullSettings, out: Path, *, audit_log: Path | None = None,
     (and a hash of their UIDs), instances and bytes; never a patient attribute.
     """
     from sites.pacs_client import PacsError
-    from sites.pacs_store import InstanceStore
+    from sites.pacs_store import InstanceStore, StoreBusy
 
     started = time.monotonic()
-    store = InstanceStore(out)
+    try:
+        store = InstanceStore(out)
+    except StoreBusy as err:
+        raise PacsError(settings.pacs.name, str(err)) from None
     counts = {"studies": 0, "listed": 0, "present": 0, "new": 0, "bytes": 0}
     cohort: list[str] = []
 
@@ -95,6 +98,8 @@ def pull(settings: PullSettings, out: Path, *, audit_log: Path | None = None,
     except PacsError as err:
         _audit(audit_log, settings, cohort, result(), str(err))
         raise
+    finally:
+        store.close()
     done = result()
     _audit(audit_log, settings, cohort, done, None)
     return done

@@ -352,6 +352,9 @@ def test_instances_the_pacs_does_not_send_are_named_and_the_others_kept(
                                                 rf"sent( \(C-GET status 0x[0-9A-F]+\))?: {gone.sop};"):
                 client.fetch([real, gone], frozenset(), store, lambda size: None)
         assert store.has(real) and not store.has(gone)
+        with pytest.raises(PacsError, match=r"another pull is writing into"):  # one at a time
+            pull(settings, store.root)
+        store.close()
 
 
 # ---------------------------------------------------------------- settings and parts
