@@ -8,6 +8,7 @@ store or the given CA file, never switched off.
 """
 
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -18,7 +19,7 @@ from dicomweb_client import DICOMwebClient
 
 from sites.pacs_client import OnInstance, PacsError, check_listed, missing_named
 from sites.pacs_multipart import MultipartError, boundary_of, split_parts
-from sites.pacs_settings import Cohort, DicomwebPacs, PacsSettingsError
+from sites.pacs_settings import TOKEN_ENV, Cohort, DicomwebPacs, PacsSettingsError
 from sites.pacs_store import InstanceRef, InstanceStore, MalformedInstance
 
 if TYPE_CHECKING:
@@ -182,7 +183,9 @@ def _value(item: dict, tag: str) -> str:
 def _http_reason(err: requests.exceptions.HTTPError, pacs: DicomwebPacs) -> str:
     code = err.response.status_code if err.response is not None else 0
     if code == 401:
-        who = f"user {pacs.user}" if pacs.user else "the token" if pacs.token_file else "no login"
+        if pacs.user is None and pacs.token_file is None and not os.environ.get(TOKEN_ENV):
+            return "the PACS needs a login (HTTP 401): give --user and --password-file, or a token"
+        who = f"user {pacs.user}" if pacs.user else "the token"
         return (f"login refused (HTTP 401) for {who}: check the account and its password or "
                 "token file")
     if code == 403:

@@ -183,5 +183,11 @@ def pull_command(
             bar.stop()
             console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as err:  # the site's own disk: full, read-only, OUT a file
+            bar.stop()
+            console.print(f"[red]error:[/red] cannot write into {escape(str(out))}: "
+                          f"{escape(err.strerror or str(err))}; files already pulled are kept",
+                          soft_wrap=True)
+            raise typer.Exit(1) from None
     Console().print(result.summary(out), soft_wrap=True)  # the report, on stdout with the check's
     check_command(out, labels=labels)
