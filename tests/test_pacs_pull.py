@@ -46,9 +46,7 @@ from sites.pacs_store import PARTIAL_SUFFIX, InstanceStore
 from sites.pull import open_client, pull
 from sites.site_check import check_site
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not orthanc_available(), reason="needs Debian's orthanc and "
-                                 "orthanc-dicomweb (.ci/run installs them)")]
+pytestmark = pytest.mark.slow
 
 PYDICOM_FILES = ("CT_small.dcm", "ExplVR_BigEnd.dcm", "image_dfl.dcm", "SC_rgb_jpeg_dcmtk.dcm",
                  "GDCMJ2K_TextGBR.dcm", "693_J2KI.dcm", "SC_rgb_gdcm_KY.dcm", "test-SR.dcm")
@@ -61,6 +59,8 @@ PIXEL_DATA, PADDING = Tag(0x7FE0, 0x0010), Tag(0xFFFC, 0xFFFC)
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory,
             free_port: Callable[[], int]) -> Iterator[Orthanc]:
+    if not orthanc_available():
+        pytest.skip("needs Debian's orthanc and orthanc-dicomweb (.ci/run installs them)")
     yield from running_orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port())
 
 
