@@ -6,8 +6,14 @@ interface. It is locked down instead of hidden: HTTP answers localhost only
 (`DicomAlwaysAllow*: false`) and our one AE only from 127.0.0.1 (`DicomCheckModalityHost`).
 This keeps the test client in the test process (no network namespace to enter, no
 subprocess per pull), which is what keeps these tests inside their time budget.
+
+Also what the tests that pull from it share: the pull's options for this Orthanc, and how a
+pulled folder is compared with what was uploaded (tests/test_pacs_pull.py,
+tests/test_bundle_export.py).
 """
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -16,7 +22,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+import pytest
 import requests
+from pydicom.tag import Tag
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -24,8 +33,21 @@ USER, PASSWORD = "fedhealth", "orthanc-test-password"
 ORTHANC_AET, CLIENT_AET = "ORTHANC", "FEDHEALTH"
 
 
-def orthanc_available() -> bool:
-    return Path(ORTHANC).is_file() and DICOMWEB_PLUGIN.is_file()
+PIXEL_DATA, PADDING = Tag(0x7FE0, 0x0010), Tag(0xFFFC, 0xFFFC)
+
+
+def skip_without_orthanc() -> None:
+    """Skip the calling test or fixture where Debian's Orthanc is not installed."""
+    if not (Path(ORTHANC).is_file() and DICOMWEB_PLUGIN.is_file()):
+        pytest.skip("needs Debian's orthanc and orthanc-dicomweb (.ci/run installs them)")
+
+
+def write_password_file(folder: Path) -> Path:
+    """The account's password as `site pull` wants it: a file only its owner can read."""
+    path = folder / "pacs.password"
+    path.write_text(PASSWORD + "\n")
+    path.chmod(0o600)
+    return path
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,15 @@ class Orthanc:
     @property
     def dicomweb(self) -> str:
         return f"{self.url}/dicom-web"
+
+    def dicomweb_options(self, password_file: Path) -> list[str]:
+        """`site pull` options for this Orthanc over DICOMweb, logged in."""
+        return ["--dicomweb", self.dicomweb, "--user", USER, "--password-file", str(password_file)]
+
+    def dimse_options(self) -> list[str]:
+        """`site pull` options for this Orthanc over DIMSE, as the AE it knows."""
+        return ["--dimse", f"127.0.0.1:{self.dicom_port}", "--aet", CLIENT_AET,
+                "--called-aet", ORTHANC_AET]
 
     def upload(self, files: Iterable[Path]) -> dict[Path, str]:
         """POST each file to /instances (Orthanc keeps the bytes as sent); returns each file's
@@ -106,11 +137,49 @@ def start_orthanc(root: Path, http_port: int, dicom_port: int) -> tuple[Orthanc,
     raise RuntimeError(f"Orthanc did not answer on {orthanc.url} within 20 s")
 
 
+@contextlib.contextmanager
 def running_orthanc(root: Path, http_port: int, dicom_port: int) -> Iterator[Orthanc]:
-    """Generator for a pytest fixture: Orthanc for the fixture's scope, stopped after."""
+    """Orthanc for the `with` block, stopped after."""
     orthanc, process = start_orthanc(root, http_port, dicom_port)
     try:
         yield orthanc
     finally:
         process.kill()  # its storage is the test's temporary folder: nothing to shut down cleanly
         process.wait()
+
+
+# ---------------------------------------------------------------- comparing pulled folders
+
+def pulled_files(folder: Path) -> dict[str, Path]:
+    """SOPInstanceUID -> file of a pulled folder (the pull names each file by it)."""
+    return {p.stem: p for p in folder.rglob("*.dcm")}
+
+
+def by_sop_uid(files: Iterable[Path]) -> dict[str, bytes]:
+    """SOPInstanceUID -> bytes of files named otherwise (a hospital's own export)."""
+    return {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): path.read_bytes()
+            for path in files}
+
+
+def same_instance(pulled: bytes, stored: bytes) -> bool:
+    """Same transfer syntax, same pixel data bytes (nothing transcoded) and the same element
+    values. Not the same bytes: DCMTK (Orthanc's toolkit) re-serializes a data set it sends
+    over DIMSE (group lengths and trailing padding dropped, VRs fixed, deflate redone)."""
+    a, b = (pydicom.dcmread(io.BytesIO(data)) for data in (pulled, stored))
+    if a.file_meta.TransferSyntaxUID != b.file_meta.TransferSyntaxUID:
+        return False
+    if a.get("PixelData") is not None and a.PixelData != b.PixelData:
+        return False
+    for ds in (a, b):
+        for tag in [t for t in list(ds.keys()) if t.element == 0 or t in (PIXEL_DATA, PADDING)]:
+            del ds[tag]
+    return a == b
+
+
+def comparable(report: object) -> dict[str, object]:
+    """A site check report without what names the folder."""
+    fields = dict(vars(report))
+    for key in ("site", "path", "labels_file", "skipped"):
+        fields.pop(key)
+    fields["skipped"] = sorted(s["reason"] for s in vars(report)["skipped"])
+    return fields

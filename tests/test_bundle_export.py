@@ -3,13 +3,19 @@
 One small encrypted federation per policy (2 sites, 1 round, real TenSEAL, real Flower, real
 DICOM), on one SuperLink; every site exports its bundle and `site predict` on its test split
 must give back its last-round evaluation metrics exactly.
+
+The federation trains on what its sites pulled from their PACS: each hospital's images are
+uploaded to its own Orthanc, and `fedhealth site pull` (DICOMweb for one site, DIMSE for the
+other) fills the site folders the runs read, with the hospital's label manifest beside them.
 """
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +23,16 @@ import pydicom
 import pytest
 import torch
 from monai.bundle import verify_net_in_out
+from orthanc import (
+    Orthanc,
+    by_sop_uid,
+    comparable,
+    pulled_files,
+    running_orthanc,
+    same_instance,
+    skip_without_orthanc,
+    write_password_file,
+)
 from typer.testing import CliRunner
 
 from fedhealth.app.cli import app
@@ -26,6 +42,7 @@ from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.keys import init_key_files
 from fedhealth.core.crypto.messages import Instruction
 from fedhealth.core.models import build_model
+from fedhealth.core.run_history import EVALUATE, TRAIN, RunHistory
 from fedhealth.core.synth import synthesize_federation
 from sites.audit import AuditLog
 from sites.bundle_export import ExportError, export_bundle, write_bundle
@@ -34,19 +51,81 @@ from sites.bundle_predict import predict, write_csv
 from sites.dataset import index_site
 from sites.dicom_files import scan_tree
 from sites.round_archive import KEPT_ROUNDS, RoundArchive, RoundFacts
+from sites.site_check import check_site
 from sites.training import classification_metrics
 
 POLICIES = ("fedavg", "fedbn", "ditto")
 SITES = ("hospital-1", "hospital-2")
+PROTOCOLS = dict(zip(SITES, ("dicomweb", "dimse"), strict=True))  # how each site reaches its PACS
+IMAGES = 30
 CONFIG = RunConfig(num_server_rounds=1, local_epochs=1, seed=0)
 METRICS = ("accuracy", "balanced_accuracy", "balanced_accuracy_se", "auc", "auc_defined", "loss")
 
 
+@dataclass(frozen=True)
+class Pulled:
+    """One site's `site pull`: what the command printed, and its hospital's uploaded files
+    (SOPInstanceUID -> bytes as synthesized and sent to the PACS)."""
+
+    output: str
+    uploaded: dict[str, bytes]
+    audit_log: Path
+
+
+@dataclass(frozen=True)
+class PulledFederation:
+    """The federation folder the runs train on, and how each of its sites was filled."""
+
+    root: Path
+    sites: dict[str, Pulled]
+
+
 @pytest.fixture(scope="module")
-def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hospitals")
-    synthesize_federation(root, len(SITES), seed=3, images_per_site=30)
+def uploads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hospitals as their PACS hold them (each folder is uploaded to its site's Orthanc)."""
+    root = tmp_path_factory.mktemp("uploads")
+    synthesize_federation(root, len(SITES), seed=3, images_per_site=IMAGES)
     return root
+
+
+@pytest.fixture(scope="module")
+def pulls(uploads: Path, tmp_path_factory: pytest.TempPathFactory,
+          free_port: Callable[[], int]) -> PulledFederation:
+    """Each site pulls its hospital from its own Orthanc into hospitals/<site>, the folder the
+    federation trains on. The label manifest is the hospital's, not the PACS's: it is put at the
+    top of the site folder and names the cohort (`--labels`). Orthanc is stopped before any
+    training, so the runs can only read what was pulled."""
+    skip_without_orthanc()
+    root = tmp_path_factory.mktemp("hospitals")
+    secrets = tmp_path_factory.mktemp("secrets")
+    password_file = write_password_file(secrets)
+    done = {}
+    for site, protocol in PROTOCOLS.items():
+        files = sorted(p for p in (uploads / site).rglob("*")  # some vendors' files lack .dcm
+                       if p.is_file() and p.name != wire.LABELS_FILE)
+        with running_orthanc(tmp_path_factory.mktemp(f"orthanc-{site}"), free_port(),
+                             free_port()) as orthanc:
+            assert len(orthanc.upload(files)) == len(files) == IMAGES
+            out = root / site
+            out.mkdir()
+            shutil.copy(uploads / site / wire.LABELS_FILE, out / wire.LABELS_FILE)
+            audit_log = secrets / f"{site}.audit.jsonl"
+            result = CliRunner().invoke(app, [
+                "site", "pull", "--out", str(out), *_pacs_options(orthanc, protocol, password_file),
+                "--labels", str(out / wire.LABELS_FILE), "--audit-log", str(audit_log)])
+        assert result.exit_code == 0, result.output
+        done[site] = Pulled(result.output, by_sop_uid(files), audit_log)
+    return PulledFederation(root, done)
+
+
+def _pacs_options(orthanc: Orthanc, protocol: str, password_file: Path) -> list[str]:
+    return (orthanc.dicomweb_options(password_file) if protocol == "dicomweb"
+            else orthanc.dimse_options())
+
+
+@pytest.fixture(scope="module")
+def hospitals(pulls: PulledFederation) -> Path:
+    return pulls.root
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +140,33 @@ def runs(hospitals: Path, key_dir: Path,
                              out_dir=str(out), state_dir=str(out / "state"))
             done[policy] = out, simulate(config, superlink=link)
     return done
+
+
+def test_each_site_trained_on_what_it_pulled_from_its_own_pacs(
+        pulls: PulledFederation, uploads: Path, runs: dict[str, tuple[Path, dict]]) -> None:
+    for site, protocol in PROTOCOLS.items():
+        pulled = pulls.sites[site]
+        assert f"{IMAGES} new instances" in pulled.output
+        (entry,) = AuditLog(pulled.audit_log).entries()
+        assert (entry["protocol"], entry["instances"], entry["error"]) == (protocol, IMAGES, None)
+        files = {sop: path.read_bytes() for sop, path in pulled_files(pulls.root / site).items()}
+        assert files.keys() == pulled.uploaded.keys()
+        if protocol == "dicomweb":
+            assert files == pulled.uploaded  # the bytes the hospital sent, bit for bit
+        else:  # DIMSE sends data sets: same syntax, pixels and values
+            assert [sop for sop, data in files.items()
+                    if not same_instance(data, pulled.uploaded[sop])] == []
+        check = check_site(pulls.root / site)
+        assert check.images == IMAGES
+        assert comparable(check) == comparable(check_site(uploads / site))
+        # every run trained and evaluated on the pulled folder's splits, as `site check` counts them
+        split_sizes = {TRAIN: sum(check.labels["train"].values()),
+                       EVALUATE: sum(check.labels["test"].values())}
+        for policy, (out, _) in runs.items():
+            path = out / wire.CHECKPOINT_DIR / wire.HISTORY_FILE
+            history = RunHistory.from_json(json.loads(path.read_text()), str(path))
+            assert {kind: history.sites(kind, CONFIG.num_server_rounds)[site].num_examples
+                    for kind in split_sizes} == split_sizes, (policy, site)
 
 
 def _test_split(site_dir: Path, into: Path) -> dict[str, int]:
@@ -189,7 +295,7 @@ key-file = "{key_dir / wire.SITE_KEY_FILE}"
                                     str(hospitals / site), "--out", str(tmp_path / "p.csv")])
     assert predicted.exit_code == 0, predicted.output
     rows = _read_csv(tmp_path / "p.csv")
-    assert len(rows) == 30 and all(
+    assert len(rows) == IMAGES and all(
         abs(float(r["probability_0"]) + float(r["probability_1"]) - 1) < 1e-6 for r in rows)
     refused = runner.invoke(app, ["site", "export", "--config", str(toml), "--out",
                                   str(tmp_path / "again"), "--training-id", "nope"])

@@ -6,7 +6,6 @@ SR without pixels). Pulled files are compared with what Orthanc stores, byte for
 """
 
 import contextlib
-import io
 import shutil
 import signal
 import socket
@@ -23,8 +22,19 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from orthanc import CLIENT_AET, ORTHANC_AET, PASSWORD, USER, Orthanc, orthanc_available, running_orthanc
-from pydicom.tag import Tag
+from orthanc import (
+    CLIENT_AET,
+    ORTHANC_AET,
+    PASSWORD,
+    USER,
+    Orthanc,
+    comparable,
+    pulled_files,
+    running_orthanc,
+    same_instance,
+    skip_without_orthanc,
+    write_password_file,
+)
 from typer.testing import CliRunner
 
 from fedhealth.app.cli import app
@@ -51,7 +61,6 @@ pytestmark = pytest.mark.slow
 PYDICOM_FILES = ("CT_small.dcm", "ExplVR_BigEnd.dcm", "image_dfl.dcm", "SC_rgb_jpeg_dcmtk.dcm",
                  "GDCMJ2K_TextGBR.dcm", "693_J2KI.dcm", "SC_rgb_gdcm_KY.dcm", "test-SR.dcm")
 SYNTH_IMAGES = 12
-PIXEL_DATA, PADDING = Tag(0x7FE0, 0x0010), Tag(0xFFFC, 0xFFFC)
 
 
 # ---------------------------------------------------------------- the PACS and what it holds
@@ -59,9 +68,9 @@ PIXEL_DATA, PADDING = Tag(0x7FE0, 0x0010), Tag(0xFFFC, 0xFFFC)
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory,
             free_port: Callable[[], int]) -> Iterator[Orthanc]:
-    if not orthanc_available():
-        pytest.skip("needs Debian's orthanc and orthanc-dicomweb (.ci/run installs them)")
-    yield from running_orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port())
+    skip_without_orthanc()
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), free_port(), free_port()) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +107,7 @@ def study_list(tmp_path_factory: pytest.TempPathFactory, hospital: Path) -> Path
 
 @pytest.fixture(scope="module")
 def password_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secrets") / "pacs.password"
-    path.write_text(PASSWORD + "\n")
-    path.chmod(0o600)
-    return path
+    return write_password_file(tmp_path_factory.mktemp("secrets"))
 
 
 def dicomweb(orthanc: Orthanc, password_file: Path, study_list: Path, **changes: object) -> PullSettings:
@@ -114,34 +120,6 @@ def dimse(orthanc: Orthanc, study_list: Path, **changes: object) -> PullSettings
     values = {"dimse": f"127.0.0.1:{orthanc.dicom_port}", "aet": CLIENT_AET,
               "called-aet": ORTHANC_AET, "study-uids": study_list, **changes}
     return pull_settings(values, base=Path.cwd(), where="test")
-
-
-def pulled_files(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in folder.rglob("*.dcm")}
-
-
-def same_instance(pulled: bytes, stored: bytes) -> bool:
-    """Same transfer syntax, same pixel data bytes (nothing transcoded) and the same element
-    values. Not the same bytes: DCMTK (Orthanc's toolkit) re-serializes a data set it sends
-    over DIMSE (group lengths and trailing padding dropped, VRs fixed, deflate redone)."""
-    a, b = (pydicom.dcmread(io.BytesIO(data)) for data in (pulled, stored))
-    if a.file_meta.TransferSyntaxUID != b.file_meta.TransferSyntaxUID:
-        return False
-    if a.get("PixelData") is not None and a.PixelData != b.PixelData:
-        return False
-    for ds in (a, b):
-        for tag in [t for t in list(ds.keys()) if t.element == 0 or t in (PIXEL_DATA, PADDING)]:
-            del ds[tag]
-    return a == b
-
-
-def comparable(report: object) -> dict[str, object]:
-    """A site check report without what names the folder."""
-    fields = dict(vars(report))
-    for key in ("site", "path", "labels_file", "skipped"):
-        fields.pop(key)
-    fields["skipped"] = sorted(s["reason"] for s in vars(report)["skipped"])
-    return fields
 
 
 # ---------------------------------------------------------------- DICOMweb
@@ -173,8 +151,8 @@ def test_dicomweb_pull_is_bit_exact_resumes_with_nothing_new_and_checks_like_the
 def test_the_command_says_how_many_instances_were_new_and_reports_the_site_check(
         tmp_path: Path, orthanc: Orthanc, hospital: Path, password_file: Path) -> None:
     out = tmp_path / "site"
-    argv = ["site", "pull", "--out", str(out), "--dicomweb", orthanc.dicomweb, "--user", USER,
-            "--password-file", str(password_file), "--labels", str(hospital / "labels.csv")]
+    argv = ["site", "pull", "--out", str(out), *orthanc.dicomweb_options(password_file),
+            "--labels", str(hospital / "labels.csv")]
     first = CliRunner().invoke(app, argv)
     assert first.exit_code == 0, first.output
     assert f"{SYNTH_IMAGES} new instances" in first.output
