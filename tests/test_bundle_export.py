@@ -19,20 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import orthanc as pacs  # tests/orthanc.py: a real Orthanc per site
 import pydicom
 import pytest
 import torch
 from monai.bundle import verify_net_in_out
-from orthanc import (
-    Orthanc,
-    by_sop_uid,
-    comparable,
-    pulled_files,
-    running_orthanc,
-    same_instance,
-    skip_without_orthanc,
-    write_password_file,
-)
 from typer.testing import CliRunner
 
 from fedhealth.app.cli import app
@@ -95,15 +86,15 @@ def pulls(uploads: Path, tmp_path_factory: pytest.TempPathFactory,
     federation trains on. The label manifest is the hospital's, not the PACS's: it is put at the
     top of the site folder and names the cohort (`--labels`). Orthanc is stopped before any
     training, so the runs can only read what was pulled."""
-    skip_without_orthanc()
+    pacs.skip_without_orthanc()
     root = tmp_path_factory.mktemp("hospitals")
     secrets = tmp_path_factory.mktemp("secrets")
-    password_file = write_password_file(secrets)
+    password_file = pacs.write_password_file(secrets)
     done = {}
     for site, protocol in PROTOCOLS.items():
         files = sorted(p for p in (uploads / site).rglob("*")  # some vendors' files lack .dcm
                        if p.is_file() and p.name != wire.LABELS_FILE)
-        with running_orthanc(tmp_path_factory.mktemp(f"orthanc-{site}"), free_port(),
+        with pacs.running_orthanc(tmp_path_factory.mktemp(f"orthanc-{site}"), free_port(),
                              free_port()) as orthanc:
             assert len(orthanc.upload(files)) == len(files) == IMAGES
             out = root / site
@@ -114,11 +105,11 @@ def pulls(uploads: Path, tmp_path_factory: pytest.TempPathFactory,
                 "site", "pull", "--out", str(out), *_pacs_options(orthanc, protocol, password_file),
                 "--labels", str(out / wire.LABELS_FILE), "--audit-log", str(audit_log)])
         assert result.exit_code == 0, result.output
-        done[site] = Pulled(result.output, by_sop_uid(files), audit_log)
+        done[site] = Pulled(result.output, pacs.by_sop_uid(files), audit_log)
     return PulledFederation(root, done)
 
 
-def _pacs_options(orthanc: Orthanc, protocol: str, password_file: Path) -> list[str]:
+def _pacs_options(orthanc: pacs.Orthanc, protocol: str, password_file: Path) -> list[str]:
     return (orthanc.dicomweb_options(password_file) if protocol == "dicomweb"
             else orthanc.dimse_options())
 
@@ -149,16 +140,16 @@ def test_each_site_trained_on_what_it_pulled_from_its_own_pacs(
         assert f"{IMAGES} new instances" in pulled.output
         (entry,) = AuditLog(pulled.audit_log).entries()
         assert (entry["protocol"], entry["instances"], entry["error"]) == (protocol, IMAGES, None)
-        files = {sop: path.read_bytes() for sop, path in pulled_files(pulls.root / site).items()}
+        files = {sop: path.read_bytes() for sop, path in pacs.pulled_files(pulls.root / site).items()}
         assert files.keys() == pulled.uploaded.keys()
         if protocol == "dicomweb":
             assert files == pulled.uploaded  # the bytes the hospital sent, bit for bit
         else:  # DIMSE sends data sets: same syntax, pixels and values
             assert [sop for sop, data in files.items()
-                    if not same_instance(data, pulled.uploaded[sop])] == []
+                    if not pacs.same_instance(data, pulled.uploaded[sop])] == []
         check = check_site(pulls.root / site)
         assert check.images == IMAGES
-        assert comparable(check) == comparable(check_site(uploads / site))
+        assert pacs.comparable(check) == pacs.comparable(check_site(uploads / site))
         # every run trained and evaluated on the pulled folder's splits, as `site check` counts them
         split_sizes = {TRAIN: sum(check.labels["train"].values()),
                        EVALUATE: sum(check.labels["test"].values())}
