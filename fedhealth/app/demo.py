@@ -47,7 +47,7 @@ class DemoPart:
 
 DEMO_PARTS = (
     DemoPart("feature-shift", 800, ("local", "pooled", "fedavg", "fedbn")),
-    DemoPart("concept-shift", 800, ("local", "pooled", "fedavg", "fedper", "ditto"),
+    DemoPart("concept-shift", 800, ("local", "pooled", "fedavg", "ditto"),
              split_shares=(0.1, 0.1, 0.8)),
 )
 DEMO_CONFIG = RunConfig()  # the run-config defaults: the demo shows what a user gets
