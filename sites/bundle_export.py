@@ -27,7 +27,6 @@ from fedhealth.core.crypto.messages import InstructionError
 from sites.audit import AuditLog
 from sites.bundle_layout import (
     FILES,
-    IMAGE_PIPELINE,
     INFERENCE,
     METADATA,
     MODEL_CARD,
@@ -39,6 +38,7 @@ from sites.bundle_layout import (
 )
 from sites.data_limits import DataLimits
 from sites.personal_store import RECEIVED_GLOBAL
+from sites.pipeline_config import BUNDLE_READER, pipeline_steps
 from sites.round_archive import ArchivedRound, ArchiveError, RoundArchive
 
 if TYPE_CHECKING:  # torch loads when an export runs, not with `fedhealth --help`
@@ -129,19 +129,19 @@ def _training(archive: RoundArchive, training_id: str | None) -> str:
 
 def _facts(kept: ArchivedRound, key: SiteKey) -> BundleFacts:
     from fedhealth.core.models import model_spec
-    from sites.dataset import site_transforms
 
     config = RunConfig.from_flower(kept.facts.run_config)
     limits = DataLimits(**kept.facts.limits)  # type: ignore[arg-type]
     task = model_spec(config.model).task
-    steps = site_transforms(config.image_size, IMAGE_PIPELINE, limits).transforms
+    steps = pipeline_steps(config.image_size, BUNDLE_READER)
     return BundleFacts(
         site=kept.facts.site, training_id=kept.facts.training_id,
         server_round=kept.facts.server_round, policy=config.policy, model=config.model,
         task=task, num_classes=limits.num_classes, image_size=config.image_size,
         batch_size=config.batch_size, max_image_mb=limits.max_image_mb,
         threshold=kept.facts.threshold, crypto_preset=key.preset.name,
-        key_fingerprint=key.fingerprint, preprocessing=[type(t).__name__ for t in steps])
+        key_fingerprint=key.fingerprint,
+        preprocessing=[str(step["_target_"]).rsplit(".", 1)[-1] for step in steps])
 
 
 def _model(kept: ArchivedRound, key: SiteKey) -> "torch.nn.Module":
@@ -248,8 +248,9 @@ the federation's global, decrypted at the site, with the site's own tensors
 
 - Task: {facts.task}, {facts.num_classes} classes; input {_shape(facts)} float32 in [0, 1].
 - Operating point: {threshold}.
-- Preprocessing: `sites.dataset.site_transforms`, exactly the site's (DICOM rescale
-  slope/intercept, window to the 0.5-99.5 percentiles, invert MONOCHROME1, resize):
+- Preprocessing: exactly the site's steps (`sites.pipeline_config`, written into
+  {INFERENCE} as MONAI transforms): DICOM rescale slope/intercept, window to the 0.5-99.5
+  percentiles, invert MONOCHROME1, resize:
   {" > ".join(facts.preprocessing)}.
 
 ## The site's own metrics, on its test split, by round
@@ -268,10 +269,15 @@ tensors never left it.
     python -m monai.bundle run --config_file THIS_FOLDER/{INFERENCE} \\
         --bundle_root THIS_FOLDER --dataset_dir DICOM_FOLDER --output_dir OUT
 
-Both need Python with torch, MONAI and pydicom, and the `fedhealth` package installed (for the
-zoo network `fedhealth.core.models` and the site pipeline `sites.dataset`; `pip install
-'fedhealth[bundle]'` adds MONAI's `fire` and `ignite` for `monai.bundle run`); neither needs a
-key, Flower, TenSEAL or a federation. {_run_output(facts)} `verify_net_in_out` checks the network
+Neither needs a key, Flower, TenSEAL or a federation. `site predict` needs the `fedhealth`
+package. `monai.bundle run` needs only Python with torch, MONAI with its `fire` and
+`ignite` extras (`pip install 'monai[fire,ignite]'`) and pydicom, plus the model zoo's one module,
+`fedhealth.core.models` (torch and MONAI only; the `fedhealth` package installed, or
+`fedhealth/__init__.py`, `fedhealth/core/__init__.py` and `fedhealth/core/models.py` on
+PYTHONPATH); its config names no other fedhealth module. It reads DICOM with MONAI's plain
+PydicomReader and takes every DICOM file under DICOM_FOLDER: the site's size limit
+({facts.max_image_mb:g} MB) and the site check's refusals of unusable files are not applied.
+{_run_output(facts)} `verify_net_in_out` checks the network
 against {METADATA}.
 """
 

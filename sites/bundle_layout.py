@@ -3,15 +3,24 @@
 MONAI's convention (https://docs.monai.io/en/stable/mb_specification.html): `configs/`
 (`metadata.json`, `inference.json`), `models/model.pt` (a state dict), `docs/README.md` (the
 model card). `sites.bundle_export` writes them, `sites.bundle_predict` and `python -m
-monai.bundle run` read them. The inference config builds the network from the zoo and the
-preprocessing from `sites.dataset.site_transforms` itself, with the site's parameters, so it
-is exactly the pipeline the site trained and scored with; its data list comes from the same
-scan `fedhealth site check` runs (`sites.bundle_predict.study_items`).
+monai.bundle run` read them. The inference config names no `sites` module, so a department
+runs it with MONAI, torch, pydicom and the model zoo (`fedhealth.core.models`) alone: the network
+comes from the zoo (its one definition, which imports only torch and MONAI), the preprocessing
+is the site pipeline's steps as written once in `sites.pipeline_config` (image-only: the
+segmentation form only adds the training masks' steps), read by MONAI's PydicomReader, and
+the data list is every DICOM file under `--dataset_dir`, in the order the site check scans.
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from sites.pipeline_config import (
+    BUNDLE_READER,
+    DATALIST_IMPORTS,
+    folder_datalist,
+    pipeline_steps,
+)
 
 METADATA = Path("configs/metadata.json")
 INFERENCE = Path("configs/inference.json")
@@ -20,9 +29,6 @@ MODEL_CARD = Path("docs/README.md")
 FILES = (METADATA, INFERENCE, WEIGHTS, MODEL_CARD)
 SECTION = "fedhealth"  # metadata.json's section of fedhealth facts (`BundleFacts`)
 PROBABILITIES_FILE = "predictions.csv"  # what `monai.bundle run` writes into its output_dir
-# `site_transforms(task=...)` of inference: its image-only form, which is the image's steps for
-# either task (the segmentation form only adds the training masks' steps)
-IMAGE_PIPELINE = "classification"
 
 
 class BundleError(ValueError):
@@ -73,9 +79,8 @@ def inference_config(facts: BundleFacts) -> dict[str, object]:
     ClassificationSaver of the class probabilities)."""
     segmenting = facts.task == "segmentation"
     return {
-        "imports": ["$import itertools", "$import torch",
-                    "$from monai.handlers import from_engine",
-                    "$from sites.bundle_predict import study_items"],
+        "imports": ["$import itertools", "$import torch", "$from monai.handlers import from_engine",
+                    *DATALIST_IMPORTS],
         "bundle_root": ".",
         "dataset_dir": "studies",
         "output_dir": "$@bundle_root + '/eval'",
@@ -83,12 +88,9 @@ def inference_config(facts: BundleFacts) -> dict[str, object]:
         "network_def": {"_target_": "fedhealth.core.models.build_model", "name": facts.model,
                         "num_classes": facts.num_classes, "image_size": facts.image_size},
         "network": "$@network_def.to(@device)",
-        "limits": {"_target_": "sites.data_limits.DataLimits", "max_image_mb": facts.max_image_mb,
-                   "num_classes": facts.num_classes},
-        "datalist": "$study_items(@dataset_dir, @limits)",
-        "preprocessing": {"_target_": "sites.dataset.site_transforms",
-                          "image_size": facts.image_size, "task": IMAGE_PIPELINE,
-                          "limits": "@limits"},
+        "datalist": folder_datalist("@dataset_dir"),
+        "preprocessing": {"_target_": "Compose",
+                          "transforms": pipeline_steps(facts.image_size, BUNDLE_READER)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset",
                        "batch_size": facts.batch_size, "shuffle": False, "num_workers": 0},

@@ -2,8 +2,10 @@
 
 Needs the bundle alone: no federation, no key, no labels. Files are found by the scan `fedhealth
 site check` runs (every unusable one skipped with its reason), decoded and preprocessed by the
-bundle's own inference config (the site pipeline, `sites.bundle_layout`), and scored in batches
-of the run's size, so a study the site evaluated gets the very logits its evaluation computed.
+site pipeline itself (`sites.dataset.site_transforms`, with the bundle's size limit), scored by
+the bundle's network in batches of the run's size, so a study the site evaluated gets the very
+logits its evaluation computed. The bundle's inference config holds the same pipeline steps
+(`sites.pipeline_config`) for `python -m monai.bundle run`, which gives the same probabilities.
 One CSV row per series: its images' mean class probabilities (a radiograph series is usually
 one image), the mean logits, and the class at the site's operating point. A segmentation bundle
 writes a DICOM SEG per image (sites.seg_output) and its rows give the classes' pixel shares.
@@ -19,6 +21,7 @@ import typer
 
 from sites.bundle_layout import INFERENCE, WEIGHTS, BundleError, BundleFacts
 from sites.data_limits import DataLimits
+from sites.pipeline_config import IMAGE, LABEL, MONOCHROME1
 
 if TYPE_CHECKING:  # torch and MONAI load when a prediction runs, not with `fedhealth --help`
     import torch
@@ -49,16 +52,9 @@ class Predictions:
     skipped: "list[Skipped]"
 
 
-def study_items(folder: str | Path, limits: DataLimits) -> list[dict[str, object]]:
-    """The data list of a folder, as the bundle's inference config and `predict` read it."""
-    from sites.dicom_files import scan_tree
-
-    return _items(scan_tree(Path(folder), max_image_bytes=limits.max_image_bytes).images)
-
-
 def _items(images: "list[DicomImage]") -> list[dict[str, object]]:
     # `label` is what the site pipeline's last steps type and keep; -1: unknown
-    return [{"image": str(i.path), "label": -1, "monochrome1": i.monochrome1} for i in images]
+    return [{IMAGE: str(i.path), LABEL: -1, MONOCHROME1: i.monochrome1} for i in images]
 
 
 def predict(bundle: Path, studies: Path, seg_dir: Path | None = None) -> Predictions:
@@ -72,6 +68,7 @@ def predict(bundle: Path, studies: Path, seg_dir: Path | None = None) -> Predict
     from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset
 
+    from sites.dataset import site_transforms
     from sites.dicom_files import SiteDataError, scan_tree
     from sites.seg_output import write_seg
 
@@ -89,7 +86,8 @@ def predict(bundle: Path, studies: Path, seg_dir: Path | None = None) -> Predict
     network.eval()
     limits = DataLimits(facts.max_image_mb, facts.num_classes)
     scan = scan_tree(studies, max_image_bytes=limits.max_image_bytes)
-    dataset = Dataset(_items(scan.images), transform=parser.get_parsed_content("preprocessing"))
+    dataset = Dataset(_items(scan.images), transform=site_transforms(facts.image_size,
+                                                                     limits=limits))
     logits: list[torch.Tensor] = []
     shares: list[torch.Tensor] = []  # segmentation: each class's share of an image's pixels
     with torch.no_grad():

@@ -8,30 +8,21 @@ never decode DICOM again.
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.config import KeysCollection
+from monai.bundle import ConfigParser
 from monai.data import CacheDataset, PersistentDataset
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    MapTransform,
-    Resized,
-    ScaleIntensityRangePercentilesd,
-    SelectItemsd,
-)
+from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from fedhealth.core.crypto.wire import LABELS_SPLIT_COLUMN, SPLITS
 from sites.data_limits import DataLimits
-from sites.dicom_files import SiteDataError, SiteDicomReader, Skipped, scan_tree
+from sites.dicom_files import SiteDataError, Skipped, scan_tree
 from sites.labels import Labeled, default_labels, join_labels, read_labels
+from sites.pipeline_config import IMAGE, LABEL, MASK, MONOCHROME1, pipeline_steps, site_reader
 
 __all__ = ["SiteDataError", "SiteIndex", "SiteSplits", "index_site", "load_site",
            "site_transforms", "split_patients"]
@@ -132,43 +123,14 @@ def split_patients(patient_label: Mapping[str, int], seed: int,
             **{p: fixed[p] for p in patient_label if p in fixed}}
 
 
-class InvertMonochrome1d(MapTransform):
-    """Flip [0, 1] intensities of MONOCHROME1 images (stored dark-is-dense) to MONOCHROME2's sense."""
-
-    def __init__(self, keys: KeysCollection, flag_key: str = "monochrome1") -> None:
-        super().__init__(keys)
-        self.flag_key = flag_key
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
-        d = dict(data)
-        if d[self.flag_key]:
-            for key in self.key_iterator(d):
-                d[key] = 1.0 - d[key]  # type: ignore[operator]
-        return d
-
-
 def site_transforms(image_size: int, task: str = "classification",
                     limits: DataLimits = DataLimits()) -> Compose:
-    """DICOM file -> normalised tensor: rescale slope/intercept (the site check's reader), window
-    to the 0.5-99.5 percentiles, invert MONOCHROME1, resize. Deterministic, hence cacheable."""
-    seg = task == "segmentation"
-    spatial = ["image", "mask"] if seg else ["image"]
-    reader = SiteDicomReader(limits.max_image_bytes)  # MONAI's hint omits reader instances:
-    steps: list[MapTransform] = [LoadImaged("image", reader=reader, image_only=True)]  # type: ignore[arg-type]
-    if seg:
-        steps.append(LoadImaged("mask", reader="NumpyReader", image_only=True))
-    steps += [
-        EnsureChannelFirstd(spatial, channel_dim="no_channel"),
-        ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
-                                        clip=True),
-        InvertMonochrome1d("image"),
-        Resized(spatial, spatial_size=(image_size, image_size),
-                mode=["area", "nearest"][: len(spatial)]),
-        EnsureTyped(spatial, dtype=torch.float32, track_meta=False),
-        EnsureTyped("label", dtype=torch.int64, track_meta=False),
-        SelectItemsd([*spatial, "label"]),
-    ]
-    return Compose(steps)
+    """DICOM file -> normalised tensor, the steps of `sites.pipeline_config` (the very dicts an
+    exported bundle's inference config holds) read by the site's reader, which refuses files
+    over `limits` before decoding. Deterministic, hence cacheable."""
+    steps = pipeline_steps(image_size, site_reader(limits.max_image_bytes),
+                           masks=task == "segmentation")
+    return Compose(ConfigParser({"steps": steps}).get_parsed_content("steps"))
 
 
 def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 64, seed: int = 0,
@@ -210,10 +172,10 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
 
 
 def _item(x: Labeled, task: str) -> dict[str, object]:
-    item: dict[str, object] = {"image": str(x.image.path), "label": x.label,
-                               "monochrome1": x.image.monochrome1}
+    item: dict[str, object] = {IMAGE: str(x.image.path), LABEL: x.label,
+                               MONOCHROME1: x.image.monochrome1}
     if task == "segmentation":
-        item["mask"] = str(x.mask)
+        item[MASK] = str(x.mask)
     return item
 
 

@@ -51,6 +51,21 @@ PROTOCOLS = dict(zip(SITES, ("dicomweb", "dimse"), strict=True))  # how each sit
 IMAGES = 30
 CONFIG = RunConfig(num_server_rounds=1, local_epochs=1, seed=0)
 METRICS = ("accuracy", "balanced_accuracy", "balanced_accuracy_se", "auc", "auc_defined", "loss")
+# Python code that makes fedhealth's site and aggregator packages, its app, its crypto, Flower and
+# TenSEAL unimportable, leaving of fedhealth only the model zoo: what a department without
+# fedhealth has once it holds the zoo's module
+ZOO_ONLY = """
+import importlib.abc, sys
+ZOO = ("fedhealth", "fedhealth.core", "fedhealth.core.models")
+class ZooOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in ("sites", "strategies", "flwr", "tenseal") or (
+                top == "fedhealth" and name not in ZOO):
+            raise ModuleNotFoundError(f"{name} is not installed here", name=name)
+assert not [m for m in sys.modules if m.partition(".")[0] in ("sites", "fedhealth")]
+sys.meta_path.insert(0, ZooOnly())
+"""
 
 
 @dataclass(frozen=True)
@@ -217,8 +232,18 @@ def test_monai_runs_the_bundle_as_site_predict_does(runs: dict[str, tuple[Path, 
                            tmp_path / "bundle").path
     verify_net_in_out(net_id="network_def", meta_file=str(bundle / METADATA),
                       config_file=str(bundle / INFERENCE), device="cpu")
-    _test_split(hospitals / SITES[0], tmp_path / "studies")
-    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+    for site in SITES:  # the site's own scanner's studies, and another's
+        _test_split(hospitals / site, tmp_path / "studies")
+    assert {pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation
+            for p in (tmp_path / "studies").rglob("*") if p.is_file()} == {
+        "MONOCHROME1", "MONOCHROME2"}  # the data list's flag decides, both ways
+    (tmp_path / "studies" / "notes.txt").write_text("not DICOM: both runs pass it over\n")
+    # the claim: it runs with no fedhealth code but the zoo's (and the block does block)
+    blocked = subprocess.run([sys.executable, "-c", ZOO_ONLY + "import sites.dataset"],
+                             capture_output=True, text=True)
+    assert blocked.returncode != 0 and "ModuleNotFoundError" in blocked.stderr
+    run_monai = "import runpy; runpy.run_module('monai.bundle', run_name='__main__')"
+    subprocess.run([sys.executable, "-c", ZOO_ONLY + run_monai, "run", "--config_file",
                     str(bundle / INFERENCE), "--bundle_root", str(bundle), "--dataset_dir",
                     str(tmp_path / "studies"), "--output_dir", str(tmp_path / "monai")],
                    check=True, capture_output=True)
