@@ -27,6 +27,7 @@ from pydicom.uid import MediaStorageDirectoryStorage
 
 from fedhealth.core.atomic_file import write_atomically
 from sites.data_limits import MB, DataLimits
+from sites.pipeline_config import SWAP_IJ
 
 _DEFAULT_MAX_BYTES = DataLimits().max_image_bytes
 # Elements larger than this (the pixel data) are read only when used, i.e. after the size check.
@@ -94,7 +95,7 @@ class SiteDicomReader(PydicomReader):
     """
 
     def __init__(self, max_image_bytes: int = _DEFAULT_MAX_BYTES) -> None:
-        super().__init__(swap_ij=False, defer_size=_DEFER_SIZE)
+        super().__init__(swap_ij=SWAP_IJ, defer_size=_DEFER_SIZE)
         self.max_image_bytes = max_image_bytes
 
     def get_data(self, data: pydicom.Dataset) -> tuple[np.ndarray, dict]:

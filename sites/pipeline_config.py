@@ -16,9 +16,11 @@ Kept free of torch and MONAI imports: `sites.bundle_layout` loads with the CLI.
 # dark-is-dense (PhotometricInterpretation MONOCHROME1), which the pipeline inverts.
 IMAGE, LABEL, MASK, MONOCHROME1 = "image", "label", "mask", "monochrome1"
 
+# PydicomReader's `swap_ij`, the site's and a bundle's alike: rows stay rows.
+SWAP_IJ = False
 # How a bundle run reads new studies: MONAI's PydicomReader (which applies RescaleSlope and
-# RescaleIntercept) with the site reader's `swap_ij=False`, so rows stay rows.
-BUNDLE_READER: dict[str, object] = {"_target_": "monai.data.PydicomReader", "swap_ij": False}
+# RescaleIntercept) with the site reader's options.
+BUNDLE_READER: dict[str, object] = {"_target_": "monai.data.PydicomReader", "swap_ij": SWAP_IJ}
 
 
 def site_reader(max_image_bytes: int) -> dict[str, object]:
