@@ -3,10 +3,11 @@
 Works with the params-only context: it can parse and add ciphertexts, never decrypt them.
 Memory stays bounded by what a reply declares: the count of ciphertexts and each one's byte
 size are checked against the expected layout before a byte is parsed, and replies are folded
-into the running sum one at a time, so the peak is the sum plus one reply's parsed vectors.
+into the running sum one at a time and one ciphertext at a time, so the peak is the sum, one
+reply's bytes and one parsed ciphertext, whatever the number of sites.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import tenseal as ts
@@ -50,78 +51,117 @@ def declared_count(key: AggregatorKey, record: ArrayRecord) -> int:
 
 
 def parse_ciphertexts(key: AggregatorKey, blobs: Sequence[bytes]) -> list[ts.CKKSVector]:
-    """Deserialize with the params-only context and check each ciphertext can be added.
+    """Every ciphertext of `blobs` parsed and checked (`parse_ciphertext`)."""
+    return [parse_ciphertext(key, blob, i) for i, blob in enumerate(blobs)]
+
+
+def parse_ciphertext(key: AggregatorKey, blob: bytes, index: int) -> ts.CKKSVector:
+    """Deserialize ciphertext `index` with the params-only context and check it can be added.
 
     A fresh ciphertext of this preset has 2 polynomials in NTT form at the data level, the
     preset's scale and at most N/2 slots; anything else would make the sum fail or overflow.
     """
     preset = key.preset
     data_primes = len(preset.coeff_mod_bit_sizes) - 1
-    data_level = list(key.context.seal_context().data.first_parms_id())
-    vectors = []
-    for i, blob in enumerate(blobs):
-        try:
-            vector = ts.ckks_vector_from(key.context, blob)
-            (ciphertext,) = vector.ciphertext()
-            fresh = (ciphertext.size() == 2 and ciphertext.coeff_modulus_size() == data_primes
-                     and ciphertext.scale == preset.scale and not ciphertext.is_transparent()
-                     and ciphertext.is_ntt_form() and list(ciphertext.parms_id()) == data_level
-                     and 0 < vector.size() <= preset.slots)
-        except Exception as exc:  # TenSEAL raises ValueError/RuntimeError on bad streams
-            raise ReplyRejected(f"ciphertext {i} does not deserialize ({exc})") from None
-        if not fresh:
-            raise ReplyRejected(f"ciphertext {i} is not a fresh '{preset.name}' ciphertext "
-                                f"(scale {ciphertext.scale:g}, {ciphertext.size()} polynomials, "
-                                f"{ciphertext.coeff_modulus_size()} primes, NTT form "
-                                f"{ciphertext.is_ntt_form()}, {vector.size()} slots)")
-        vectors.append(vector)
-    return vectors
+    try:
+        vector = ts.ckks_vector_from(key.context, blob)
+        (ciphertext,) = vector.ciphertext()
+        fresh = (ciphertext.size() == 2 and ciphertext.coeff_modulus_size() == data_primes
+                 and ciphertext.scale == preset.scale and not ciphertext.is_transparent()
+                 and ciphertext.is_ntt_form()
+                 and list(ciphertext.parms_id()) == _data_level(key)
+                 and 0 < vector.size() <= preset.slots)
+    except Exception as exc:  # TenSEAL raises ValueError/RuntimeError on bad streams
+        raise ReplyRejected(f"ciphertext {index} does not deserialize ({exc})") from None
+    if not fresh:
+        raise ReplyRejected(f"ciphertext {index} is not a fresh '{preset.name}' ciphertext "
+                            f"(scale {ciphertext.scale:g}, {ciphertext.size()} polynomials, "
+                            f"{ciphertext.coeff_modulus_size()} primes, NTT form "
+                            f"{ciphertext.is_ntt_form()}, {vector.size()} slots)")
+    return vector
 
 
-class _RunningSum:
-    """Folds one reply's ciphertexts at a time into the sum, all of them or none."""
+def _data_level(key: AggregatorKey) -> list[int]:
+    """The parms id of the key's data level, which every fresh ciphertext is at."""
+    return list(key.context.seal_context().data.first_parms_id())
+
+
+class RunningSum:
+    """E(sum a_k w_k) over the updates folded so far: each one all or nothing, then released.
+
+    `fold` parses and adds one ciphertext at a time, so while a reply is folded the memory is
+    the sum, the reply's bytes and one parsed ciphertext; a ciphertext that fails takes back
+    the ones of that reply already added (re-parsed from the reply's bytes), so the sum stays
+    exact and the reply is left out whole.
+    """
 
     def __init__(self, key: AggregatorKey, expected_sizes: tuple[int, ...] | None) -> None:
         self.key = key
         self.expected_sizes = expected_sizes
         self.total: list[ts.CKKSVector] = []
         self.chunk_sizes: tuple[int, ...] = ()
+        self.folded = 0  # updates in the sum
 
     def fold(self, record: ArrayRecord) -> None:
+        """Add one update; ReplyRejected (and the sum unchanged) if it cannot be summed."""
         expected = self.chunk_sizes or self.expected_sizes
         count = declared_count(self.key, record)
         if expected is not None and count != len(expected):
             raise ReplyRejected(f"{count} ciphertexts, the federation's model takes "
                                 f"{len(expected)}")
-        vectors = parse_ciphertexts(self.key, wire.record_to_ciphertexts(record))
-        sizes = tuple(v.size() for v in vectors)
-        if expected is not None and sizes != expected:
+        blobs = wire.record_to_ciphertexts(record)
+        if not self.total:  # the first update is parsed whole: it becomes the sum
+            vectors = parse_ciphertexts(self.key, blobs)
+            self._check_sizes(tuple(v.size() for v in vectors), expected)
+            self.total, self.chunk_sizes = vectors, tuple(v.size() for v in vectors)
+            self.folded = 1
+            return
+        self._check_sizes(expected, self.chunk_sizes)  # a resumed layout must be the sum's
+        for i, blob in enumerate(blobs):
+            try:
+                vector = parse_ciphertext(self.key, blob, i)
+                if vector.size() != self.chunk_sizes[i]:
+                    raise ReplyRejected(f"ciphertext {i} holds {vector.size()} slots, the "
+                                        f"federation's model puts {self.chunk_sizes[i]} there")
+                self.total[i].add_(vector)
+            except ReplyRejected:
+                self._take_back(blobs[:i])
+                raise
+            except Exception as exc:  # SEAL refuses operands it cannot add
+                self._take_back(blobs[:i])
+                raise ReplyRejected(f"ciphertext {i} cannot be added ({exc})") from None
+        self.folded += 1
+
+    def ciphertexts(self) -> list[bytes]:
+        """The sum serialized, releasing each parsed ciphertext as soon as its bytes exist."""
+        blobs = []
+        while self.total:
+            blobs.append(self.total.pop(0).serialize())
+        return blobs
+
+    def _take_back(self, blobs: Sequence[bytes]) -> None:
+        for acc, blob in zip(self.total, blobs, strict=False):
+            acc.sub_(ts.ckks_vector_from(self.key.context, blob))  # checked when added
+
+    @staticmethod
+    def _check_sizes(sizes: tuple[int, ...] | None, expected: tuple[int, ...] | None) -> None:
+        if sizes is not None and expected is not None and sizes != expected:
             raise ReplyRejected(f"{sum(sizes)} slots, the federation's model takes "
                                 f"{sum(expected)}")
-        if not self.total:
-            self.total, self.chunk_sizes = vectors, sizes  # freshly parsed: ours to add into
-            return
-        for i, (acc, vector) in enumerate(zip(self.total, vectors, strict=True)):
-            try:
-                acc.add_(vector)
-            except Exception as exc:  # SEAL refuses operands it cannot add
-                for done in range(i):  # take back what was added: the sum stays exact
-                    self.total[done].sub_(vectors[done])
-                raise ReplyRejected(f"ciphertext {i} cannot be added ({exc})") from None
 
 
-def sum_updates(key: AggregatorKey, updates: Sequence[ArrayRecord], *,
+def sum_updates(key: AggregatorKey, updates: Iterable[ArrayRecord], *,
                 expected_sizes: tuple[int, ...] | None = None,
                 on_rejected: Callable[[int, ReplyRejected], None] | None = None
                 ) -> EncryptedSum | None:
-    """Sum E(a_k w_k) over `updates`; None when none could be summed.
+    """Sum E(a_k w_k) over `updates`, folding each as it comes; None when none could be summed.
 
     expected_sizes: slots per ciphertext of every update (the current global's `chunk_sizes`);
         otherwise the first summable update sets them.
     on_rejected(index, error) is told of each update left out; without it, the first one
         that cannot be summed raises ReplyRejected.
     """
-    running = _RunningSum(key, expected_sizes)
+    running = RunningSum(key, expected_sizes)
     included = []
     for index, record in enumerate(updates):
         try:
@@ -134,5 +174,4 @@ def sum_updates(key: AggregatorKey, updates: Sequence[ArrayRecord], *,
         included.append(index)
     if not included:
         return None
-    return EncryptedSum([v.serialize() for v in running.total], running.chunk_sizes,
-                        tuple(included))
+    return EncryptedSum(running.ciphertexts(), running.chunk_sizes, tuple(included))

@@ -8,7 +8,6 @@ Every reply goes through one `ReplyScreen`; what it accepts is the run's one rec
 """
 
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -25,7 +24,7 @@ from fedhealth.core.crypto.aggregator_key import AggregatorKey
 from fedhealth.core.run_history import EVALUATE, TRAIN, RunHistory
 from strategies.census import Census, uniform_weights
 from strategies.checkpoint import EncryptedGlobal, load_checkpoint, save_checkpoint, save_history
-from strategies.ciphertext_sum import declared_count, parse_ciphertexts, sum_updates
+from strategies.ciphertext_sum import RunningSum, declared_count, parse_ciphertexts
 from strategies.reply_check import (
     CheckedReply,
     Expected,
@@ -33,7 +32,9 @@ from strategies.reply_check import (
     ReplyVerifier,
     check_train_fields,
 )
+from strategies.reply_stream import StreamingGrid
 from strategies.resume import ShiftedRounds
+from strategies.round_fold import Layout, RoundFold
 from strategies.screening import ReplyScreen, metric_contents
 
 
@@ -120,7 +121,12 @@ class EncryptedFedAvg(FedAvg):
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
               ) -> Result:
-        """Run the rounds not yet in the checkpoint; `initial_arrays` is ignored (see module)."""
+        """Run the rounds not yet in the checkpoint; `initial_arrays` is ignored (see module).
+
+        Replies reach `aggregate_train` as they are pulled (`StreamingGrid`), not as the
+        round's list, so the ServerApp holds the sum and one reply, not every site's.
+        """
+        grid = StreamingGrid(grid)
         remaining = num_rounds - self.completed_rounds
         if remaining <= 0:
             log(INFO, "All %d rounds are in the checkpoint; nothing to run", num_rounds)
@@ -201,30 +207,37 @@ class EncryptedFedAvg(FedAvg):
     # ------------------------------------------------------------- aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sum the valid replies' ciphertexts and a_k; keep the old global below min_replies."""
-        screened = self.screen.screen(replies, self._asked, MessageType.TRAIN, server_round,
-                                      array_record=wire.UPDATE)
-        _log_refused_globals(TRAIN, server_round, screened)
-        candidates = self._one_layout(server_round, screened)
-        summed = sum_updates(
-            self.key, [reply.content[wire.UPDATE] for reply, _ in candidates],  # type: ignore[misc]
-            expected_sizes=self.current.chunk_sizes if self.current else None,
-            on_rejected=lambda i, exc: self.screen.reject(TRAIN, server_round,
-                                                          candidates[i][0].node_id, exc))
-        used = [candidates[i] for i in summed.included] if summed else []
-        for reply, _ in used:
+        """Fold each valid reply into the sum of ciphertexts and a_k as it comes out of
+        `replies` (`strategies.round_fold`); keep the old global below min_replies."""
+        fold = RoundFold(self._new_sum, self._layout(), lambda reply, exc: self.screen.reject(
+            TRAIN, server_round, reply.node_id, exc))
+        for reply in self.screen.screened(replies, self._asked, MessageType.TRAIN, server_round,
+                                          array_record=wire.UPDATE):
+            try:
+                layout_hash = check_train_fields(reply, self._asked[reply.node_id])
+                count = declared_count(self.key, reply.content[wire.UPDATE])  # type: ignore[arg-type]
+            except ReplyRejected as exc:
+                self.screen.reject(TRAIN, server_round, reply.node_id, exc)
+                continue
+            fold.add(reply, (layout_hash, count))
+            del reply  # folded and released, or held by `fold`: not kept alive by this loop
+        folded = fold.close()
+        used = list(folded.used) if folded else []
+        _log_refused_globals(TRAIN, server_round, used)
+        for reply in used:
             self.screen.record(TRAIN, reply)
         self.history.round_closed(TRAIN, server_round)
-        metrics = self._metrics(TRAIN, [reply for reply, _ in used])
-        if summed is None or len(used) < self.min_replies:
+        metrics = self._metrics(TRAIN, used)
+        if folded is None or len(used) < self.min_replies:
             log(WARNING, "round %d: %d valid replies, %d needed: keeping the previous global "
                 "(round %d)", server_round, len(used), self.min_replies, self.completed_rounds)
             return None, metrics
+        chunk_sizes = folded.total.chunk_sizes
         self.current = EncryptedGlobal(
-            server_round=server_round, ciphertexts=summed.ciphertexts,
+            server_round=server_round, ciphertexts=folded.total.ciphertexts(),
             weight_sum=fixed_point.weight_sum(self._asked[r.node_id].site_weight or 0.0
-                                              for r, _ in used),
-            layout_hash=used[0][1], chunk_sizes=summed.chunk_sizes,
+                                              for r in used),
+            layout_hash=folded.layout_hash, chunk_sizes=chunk_sizes,
             key_fingerprint=self.key.fingerprint, training_id=self.training_id)
         log(INFO, "round %d: new encrypted global from %d sites, s = %.6f", server_round,
             len(used), self.current.weight_sum)
@@ -233,33 +246,12 @@ class EncryptedFedAvg(FedAvg):
             save_history(self.checkpoint_dir, self.history.to_json())
         return self.global_record(), metrics
 
-    def _one_layout(self, server_round: int, replies: list[CheckedReply]
-                    ) -> list[tuple[CheckedReply, str]]:
-        """The train replies in the federation's layout, with their layout hash, by what they
-        declare (hash and ciphertext count) before anything is parsed: the current global's
-        layout, or in the first round the one most replies share (ties: the first reply's)."""
-        declared: list[tuple[CheckedReply, str, int]] = []
-        for reply in replies:
-            try:
-                layout_hash = check_train_fields(reply, self._asked[reply.node_id])
-                count = declared_count(self.key, reply.content[wire.UPDATE])  # type: ignore[arg-type]
-            except ReplyRejected as exc:
-                self.screen.reject(TRAIN, server_round, reply.node_id, exc)
-                continue
-            declared.append((reply, layout_hash, count))
-        if self.current is not None:
-            expected = (self.current.layout_hash, len(self.current.chunk_sizes))
-        elif declared:
-            expected = Counter((h, n) for _, h, n in declared).most_common(1)[0][0]
-        kept = []
-        for reply, layout_hash, count in declared:
-            if (layout_hash, count) == expected:
-                kept.append((reply, layout_hash))
-            else:
-                self.screen.reject(TRAIN, server_round, reply.node_id, ReplyRejected(
-                    f"layout {layout_hash[:12]} in {count} ciphertexts differs from the "
-                    f"federation's {expected[0][:12]} in {expected[1]}"))
-        return kept
+    def _layout(self) -> Layout | None:
+        """The layout every reply must declare: the current global's (None in round 1)."""
+        return (self.current.layout_hash, len(self.current.chunk_sizes)) if self.current else None
+
+    def _new_sum(self) -> RunningSum:
+        return RunningSum(self.key, self.current.chunk_sizes if self.current else None)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -9,7 +9,7 @@ Nothing here parses a ciphertext (`strategies.ciphertext_sum` does, after these 
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -61,13 +61,13 @@ class CheckedReply:
     metrics: Mapping[str, float]
     site_weight: float | None
     refused_global: int  # the round of a global the site refused (failed check values), or 0
+    uplink_bytes: int  # bytes of every array the reply carried (ciphertexts, or tensors)
     content: RecordDict = field(repr=False, compare=False)
 
-    @property
-    def uplink_bytes(self) -> int:
-        """Bytes of every array the reply carried (ciphertexts, or plaintext tensors)."""
-        return sum(len(array.data) for record in self.content.array_records.values()
-                   for array in record.values())
+    def released(self) -> "CheckedReply":
+        """The same facts without the content: what a folded reply leaves behind, so a round
+        holds one reply's bytes at a time, not every site's."""
+        return replace(self, content=RecordDict())
 
 
 ReplyVerifier = Callable[[CheckedReply, str], None]
@@ -112,7 +112,13 @@ def check_reply(message: Message, expected: Expected, *, fingerprint: str | None
                             f"0..{expected.server_round}, got {_shown(refused)}")
     return CheckedReply(expected.kind, message.metadata.src_node_id, site,
                         expected.server_round, expected.nonce, num_examples, metrics,
-                        expected.site_weight, refused, content)
+                        expected.site_weight, refused, _array_bytes(content), content)
+
+
+def _array_bytes(content: RecordDict) -> int:
+    """Bytes of every array in `content`, as declared by each Array (nothing parsed)."""
+    return sum(len(array.data) for record in content.array_records.values()
+               for array in record.values())
 
 
 def check_train_fields(reply: CheckedReply, expected: Expected) -> str:

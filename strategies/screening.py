@@ -7,7 +7,7 @@ refusal in the run history with its reason. Both the encrypted and the plaintext
 """
 
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -52,9 +52,16 @@ class ReplyScreen:
     def screen(self, replies: Iterable[Message], expected: Mapping[int, Expected],
                message_type: str, server_round: int, *,
                array_record: str | None) -> list[CheckedReply]:
-        """The replies that pass every check, the first one per asked node; the rest are
+        """Every reply `screened` passes, as a list (for replies that carry metrics only)."""
+        return list(self.screened(replies, expected, message_type, server_round,
+                                  array_record=array_record))
+
+    def screened(self, replies: Iterable[Message], expected: Mapping[int, Expected],
+                 message_type: str, server_round: int, *,
+                 array_record: str | None) -> Iterator[CheckedReply]:
+        """The replies that pass every check, the first one per asked node, each as soon as it
+        comes out of `replies` (a stream keeps one reply alive at a time); the rest are
         recorded as rejections. `array_record`: as for `check_reply`."""
-        accepted: dict[int, CheckedReply] = {}
         seen: set[int] = set()
         for message in replies:
             node = message.metadata.src_node_id
@@ -74,8 +81,9 @@ class ReplyScreen:
             except ReplyRejected as exc:
                 self.reject(KIND_OF.get(message_type, message_type), server_round, node, exc)
                 continue
-            accepted[node] = reply
-        return list(accepted.values())
+            del message  # not held while the consumer folds this reply and the next is pulled
+            yield reply
+            del reply
 
     def reject(self, kind: str, server_round: int, node: int, error: ReplyRejected) -> None:
         """Record (and log) that `node`'s reply was excluded, and why."""

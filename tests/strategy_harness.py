@@ -5,6 +5,7 @@ The fake only routes messages; every ciphertext is built by the site helpers in
 reply (or replaces the whole message) to play a broken or hostile site.
 """
 
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -58,7 +59,6 @@ class FakeSite:
     num_examples: int
     target: dict[str, np.ndarray]
     tamper: Tamper | None = None
-    sent: list[RecordDict] = field(default_factory=list)
     seen: list[RecordDict] = field(default_factory=list)  # train/evaluate instructions received
     encrypted: list[dict[str, np.ndarray]] = field(default_factory=list)  # plaintexts sent
 
@@ -66,7 +66,6 @@ class FakeSite:
         content = self._answer(message)
         if self.tamper is not None:
             content = self.tamper(content, message.metadata.message_type) or content
-        self.sent.append(content)
         return Message(content, reply_to=message)
 
     def _answer(self, message: Message) -> RecordDict:
@@ -112,24 +111,40 @@ class PlainSite(FakeSite):
 
 
 class FakeGrid:
-    """Routes each message to its site and keeps every reply the aggregator received."""
+    """Routes each message to its site and keeps every reply the aggregator received.
 
-    def __init__(self, sites: Iterable[FakeSite]) -> None:
+    `send_and_receive` answers a round at once, as Flower's does; `push_messages` and
+    `pull_messages` let a site answer only when its reply is pulled, as `StreamingGrid` pulls
+    them. `keep_received=False` keeps no reply, for tests that count the replies alive.
+    """
+
+    def __init__(self, sites: Iterable[FakeSite], keep_received: bool = True) -> None:
         self.sites = {node_id: site for node_id, site in enumerate(sites, start=101)}
+        self.keep_received = keep_received
         self.received: list[Message] = []
-        self.extra: list[Message] = []  # replies injected beside the sites' own
+        self.pushed: dict[str, Message] = {}  # instructions not answered yet, by message id
         # What the ServerApp runtime sets before a strategy builds messages.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
 
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        # in node order (Flower samples in random order): tests see replies arrive the same way
+        ids = []
+        for message in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+            message.metadata.__dict__["_message_id"] = message_id = uuid.uuid4().hex
+            self.pushed[message_id] = message
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = [self.sites[m.metadata.dst_node_id].handle(m)
+                   for m in (self.pushed.pop(i) for i in message_ids if i in self.pushed)]
+        if self.keep_received:
+            self.received.extend(replies)
+        return replies
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
-        # in node order (Flower samples in random order): tests see replies arrive the same way
-        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
-        replies = [self.sites[m.metadata.dst_node_id].handle(m) for m in ordered]
-        replies += self.extra
-        self.extra = []
-        self.received.extend(replies)
-        return replies
+        return self.pull_messages(self.push_messages(messages))
