@@ -35,15 +35,15 @@ def render(rng: np.random.Generator, size: int, vendor: Vendor, nodule_mm: float
     y, x = np.meshgrid(coords, coords, indexing="ij")
 
     body_a, body_b = 170 * rng.uniform(0.92, 1.08), 190 * rng.uniform(0.92, 1.08)
-    img = 0.05 + 0.5 * _soft_inside((x / body_a) ** 2 + (y / body_b) ** 2, spacing / body_a)
+    img = 0.05 + 0.5 * soft_inside((x / body_a) ** 2 + (y / body_b) ** 2, spacing / body_a)
     lung_a, lung_b, lung_y = 55 * rng.uniform(0.9, 1.1), 115 * rng.uniform(0.9, 1.1), -10.0
     lungs = []
     for side in (-1, 1):
         cx = side * 75 * rng.uniform(0.93, 1.07)
         lungs.append((cx, lung_y))
-        img -= 0.3 * _soft_inside(((x - cx) / lung_a) ** 2 + ((y - lung_y) / lung_b) ** 2,
+        img -= 0.3 * soft_inside(((x - cx) / lung_a) ** 2 + ((y - lung_y) / lung_b) ** 2,
                                   spacing / lung_a)
-    img += 0.15 * _soft_inside((x / 22) ** 2 + ((y + 20) / 170) ** 4, spacing / 22)
+    img += 0.15 * soft_inside((x / 22) ** 2 + ((y + 20) / 170) ** 4, spacing / 22)
     img += 0.04 * _smooth_noise(rng, size, sigma_px=max(1.0, 8.0 / spacing))
 
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -57,24 +57,24 @@ def render(rng: np.random.Generator, size: int, vendor: Vendor, nodule_mm: float
         mask[d2 < 1] = 1
 
     if vendor.blur_mm > 0:
-        img = _gaussian_blur(img, vendor.blur_mm / spacing)
+        img = gaussian_blur(img, vendor.blur_mm / spacing)
     img = np.clip(img, 0, 1) ** vendor.gamma
     img = img + rng.normal(0.0, vendor.noise, img.shape)
     return Radiograph(np.clip(img, 0, 1), mask, spacing)
 
 
-def _soft_inside(r2: np.ndarray, edge: float) -> np.ndarray:
+def soft_inside(r2: np.ndarray, edge: float) -> np.ndarray:
     """1 inside the unit level set of `r2`, 0 outside, with an edge about one pixel wide."""
     return 1 / (1 + np.exp((np.sqrt(r2) - 1) / max(edge, 1e-3)))
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma_px: float) -> np.ndarray:
     """Low-frequency texture, unit standard deviation."""
-    field = _gaussian_blur(rng.normal(size=(size, size)), sigma_px)
+    field = gaussian_blur(rng.normal(size=(size, size)), sigma_px)
     return field / (field.std() + 1e-8)
 
 
-def _gaussian_blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+def gaussian_blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
     """Separable Gaussian blur with reflected borders (numpy only; no SciPy dependency)."""
     radius = max(1, int(3 * sigma_px))
     t = np.arange(-radius, radius + 1)

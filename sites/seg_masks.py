@@ -1,0 +1,67 @@
+"""DICOM SEG objects as masks of the volumes they annotate, the way hospitals store annotations.
+
+A SEG in the site folder names the series it segments (ReferencedSeriesSequence); its frames
+are matched to the volume's slices by the referenced SOP instances (classic series) or the
+referenced frame numbers (an Enhanced object), through highdicom, never by frame order. So a SEG
+that does not cover the volume it names is refused with the reason, not misaligned.
+"""
+
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.uid import SegmentationStorage
+
+from sites.dicom_files import Skipped
+from sites.series_volume import Volume
+
+
+class MaskProblem(ValueError):
+    """A SEG that cannot be this volume's mask; the message says why."""
+
+
+def segmentations_by_series(skipped: Sequence[Skipped]) -> dict[str, list[str]]:
+    """SEG files among the entries the 2D scan skipped, by the SeriesInstanceUID they reference."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for entry in skipped:
+        if not os.path.isfile(entry.path) or os.path.islink(entry.path):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+            except Exception:  # not DICOM: the scan already said why
+                continue
+        if ds.get("SOPClassUID") != SegmentationStorage:
+            continue
+        for item in ds.get("ReferencedSeriesSequence", []):
+            found[str(item.get("SeriesInstanceUID", ""))].append(entry.path)
+    return dict(found)
+
+
+def seg_mask(path: Path | str, volume: Volume) -> np.ndarray:
+    """The SEG's segments (any segment = 1) on `volume`'s grid: uint8 (rows, columns, slices)."""
+    try:
+        seg = hd.seg.segread(path)
+        if volume.enhanced:
+            pixels = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=volume.frames[0].sop_uid,
+                source_frame_numbers=[f.frame for f in volume.frames], combine_segments=True,
+                assert_missing_frames_are_empty=True)
+        else:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[f.sop_uid for f in volume.frames],
+                combine_segments=True, assert_missing_frames_are_empty=True)
+    except Exception as err:  # highdicom raises ValueError/KeyError/AttributeError for a bad SEG
+        raise MaskProblem(f"DICOM SEG {path} cannot be read onto series {volume.series_uid} "
+                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    mask = np.moveaxis(np.asarray(pixels), 0, -1)
+    if mask.shape != volume.shape:
+        raise MaskProblem(f"DICOM SEG {path} has shape {mask.shape} on series "
+                          f"{volume.series_uid}, whose volume is {volume.shape}")
+    return (mask > 0).astype(np.uint8)
