@@ -34,6 +34,8 @@ class RunConfig:
         so without this wait a site that joins a second late sits out round 0.
     balanced_loss: weight each class equally in a site's training loss, whatever its prevalence
         there; for sites so skewed that a model predicts only their majority class.
+    volume_depth: slices of the grid a 3D model's volumes are resized to (in plane: image_size);
+        unused by 2D models. The model name says whether it is 3D (fedhealth.core.models).
     max_site_weight: the largest share a_k of the global any one site gets from the census of
         sample counts, whatever count it claims (1: no cap); the excess goes to the others.
     """
@@ -44,6 +46,7 @@ class RunConfig:
     crypto_preset: str = "default"
     model: str = "tiny"
     image_size: int = 64
+    volume_depth: int = 32
     seed: int = 0
     min_sites: int = 2
     expected_sites: int = 0
@@ -119,6 +122,7 @@ def _check_ranges(config: RunConfig) -> None:
     rules = {
         "num_server_rounds": (config.num_server_rounds >= 1, ">= 1"),
         "image_size": (config.image_size >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE}"),
+        "volume_depth": (config.volume_depth >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE}"),
         "seed": (config.seed >= 0, ">= 0"),
         "min_sites": (config.min_sites >= 1, ">= 1"),
         "expected_sites": (config.expected_sites >= 0, ">= 0 (0: do not wait)"),
