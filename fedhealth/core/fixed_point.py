@@ -20,7 +20,8 @@ most K * STEP / (2 s): a quantisation far below what training changes in a round
 """
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,7 +33,9 @@ sites is at most 5.7e-9 (`default`, `compact`) and 7.2e-9 (`nvflare`), growing a
 at 1000 sites. STEP / 2 = 4.8e-7 leaves a margin of 65x at 100 sites and 20x at 1000; a finer
 grid (2^-24: margin 4x at 100 sites) would quantise less but could round a noisy sum the wrong
 way."""
-OFF_GRID_TOLERANCE = STEP / 8
+OFF_GRID_FRACTION = 1 / 8
+"""Of a grid step, the largest distance a decrypted sum may lie from the grid, on any grid."""
+OFF_GRID_TOLERANCE = STEP * OFF_GRID_FRACTION
 """Largest distance from the grid a decrypted sum may show (16x the error measured at 100
 sites). Values from another key, damaged ciphertexts or anything not summed from grid values
 land anywhere: each one passes with probability 1/4, a ciphertext of thousands essentially
@@ -75,20 +78,61 @@ def sum_on_grid(terms: Iterable[np.ndarray]) -> np.ndarray:
     return total
 
 
+@dataclass(frozen=True)
+class GridDistance:
+    """How far a decrypted vector lies from a grid: what an OffGridError says, in one summary
+    that ranges decrypted apart (`chunk_pool`) combine."""
+
+    values: int
+    off: int  # values further than the tolerance from the grid (NaN counts as off)
+    first_off: int  # index of the first such value, -1 if none
+    largest: float  # largest distance, inf for NaN
+    tolerance: float
+
+    @classmethod
+    def combine(cls, parts: Sequence["GridDistance"]) -> "GridDistance":
+        """The summary of the concatenated vectors, in order."""
+        first, start = -1, 0
+        for part in parts:
+            if first < 0 and part.first_off >= 0:
+                first = start + part.first_off
+            start += part.values
+        return cls(start, sum(p.off for p in parts), first,
+                   max((p.largest for p in parts), default=0.0),
+                   max((p.tolerance for p in parts), default=0.0))
+
+    def check(self) -> None:
+        """Raise OffGridError when any value lies off the grid."""
+        if self.off:
+            raise OffGridError(
+                f"{self.off} of {self.values} values lie off the grid (first at value "
+                f"{self.first_off}; largest distance {self.largest:.3g}, tolerance "
+                f"{self.tolerance:.3g}): not a sum of grid-rounded updates")
+
+
+def nearest(summed: np.ndarray, grid_bits: int = GRID_BITS) -> tuple[np.ndarray, GridDistance]:
+    """Each value rounded to the nearest multiple of 2^-grid_bits, and how far they lay from it.
+
+    The tolerance is OFF_GRID_FRACTION of the step: OFF_GRID_TOLERANCE at GRID_BITS, 1/8 for
+    integers (grid_bits 0, the quantized presets' counts).
+    """
+    summed = np.asarray(summed, dtype=np.float64)
+    snapped = np.ldexp(np.round(np.ldexp(summed, grid_bits)), -grid_bits)
+    deviation = np.abs(summed - snapped)
+    tolerance = 2.0**-grid_bits * OFF_GRID_FRACTION
+    off = ~(deviation <= tolerance)  # NaN counts as off
+    count = int(off.sum())
+    return snapped, GridDistance(len(summed), count, int(np.argmax(off)) if count else -1,
+                                 _largest(deviation), tolerance)
+
+
 def snap(summed: np.ndarray) -> np.ndarray:
     """The grid sum a noisy (decrypted) sum stands for: each value rounded to the grid.
 
     Raises OffGridError when a value lies further than OFF_GRID_TOLERANCE from the grid.
     """
-    summed = np.asarray(summed, dtype=np.float64)
-    snapped = np.ldexp(np.round(np.ldexp(summed, GRID_BITS)), -GRID_BITS)
-    deviation = np.abs(summed - snapped)
-    off = ~(deviation <= OFF_GRID_TOLERANCE)  # NaN counts as off
-    if off.any():
-        raise OffGridError(
-            f"{int(off.sum())} of {len(summed)} values lie off the grid (first at value "
-            f"{int(np.flatnonzero(off)[0])}; largest distance {_largest(deviation):.3g}, "
-            f"tolerance {OFF_GRID_TOLERANCE:.3g}): not a sum of grid-rounded updates")
+    snapped, distance = nearest(summed)
+    distance.check()
     return snapped
 
 

@@ -18,10 +18,21 @@ poisoned data (CKKS is malleable; these are not a MAC), and perturbations below 
 The grid. Data values are encrypted as a_k * w rounded to `fixed_point.STEP`, so their sum is a
 grid value: after decryption, rounding to the grid removes the CKKS noise exactly, and a value
 far from the grid is a second corruption signal (checked after the check values, whose message
-says more about the cause).
+says more about the cause). Presets with a `Quantization` (`packed`) put integer counts of their
+grid step into every real instead, several per real (`packed_digits`); rounding the decrypted
+reals to integers removes the noise the same way. Their check values are multiplied by
+2^(CHECK_SCALE_BITS - scale bits), so they keep the precision they have at scale 2^40, and one
+more reserved value counts the summed updates: every site encrypts 1 there, and a sum of more
+updates than the preset's `max_sites` (whose digits may have carried) is refused.
+
+Parallel. Ciphertexts are independent, so encryption and decryption run over ranges of them in
+processes (`chunk_pool`), each range through the same function a serial call runs: the same
+values on the same grid, with stochastic rounding drawn per ciphertext from a seed, so what a
+parallel call's ciphertexts decrypt to is what a serial call's decrypt to, bit for bit.
 """
 
 import hashlib
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,9 +42,16 @@ import tenseal.sealapi as seal
 from flwr.app import ArrayRecord
 
 from fedhealth.core import fixed_point
+from fedhealth.core.crypto import packed_digits
+from fedhealth.core.crypto.chunk_pool import (
+    MIN_PARALLEL_CIPHERTEXTS,
+    default_workers,
+    map_ranges,
+    split,
+)
 from fedhealth.core.crypto.keys import SiteKey
 from fedhealth.core.crypto.layout import TensorLayout
-from fedhealth.core.crypto.presets import CkksPreset
+from fedhealth.core.crypto.presets import CkksPreset, HeadroomError
 from fedhealth.core.crypto.seal_bytes import SealSink, vector_bytes
 from fedhealth.core.crypto.wire import chunk_sizes, ciphertexts_to_record, record_to_ciphertexts
 
@@ -43,6 +61,8 @@ CHECK_TOLERANCE = 1e-6
 """Largest |decrypted - s * c| accepted. CKKS noise at scale 2^40 is ~1e-9 per value and grows
 with the square root of the number of sites. A change to the sum that moves the values of a
 ciphertext by less than this would go unnoticed (and is then that small)."""
+CHECK_SCALE_BITS = 40
+"""Check values are encrypted at 2^CHECK_SCALE_BITS in effect, whatever the preset's scale."""
 
 
 class IntegrityError(ValueError):
@@ -61,10 +81,11 @@ UNBOUND = RoundBinding("", 0)
 """For measuring and testing the codec outside a federation run."""
 
 
-def check_values(binding: RoundBinding, ciphertexts: int) -> np.ndarray:
-    """The constants c, shape (ciphertexts, CHECK_VALUES): |c| in [0.5, 1), signs mixed."""
+def check_values(binding: RoundBinding, ciphertexts: int, first: int = 0) -> np.ndarray:
+    """The constants c of ciphertexts first.., shape (ciphertexts, CHECK_VALUES): |c| in [0.5, 1),
+    signs mixed."""
     rows = []
-    for index in range(ciphertexts):
+    for index in range(first, first + ciphertexts):
         digest = hashlib.sha256(f"fedhealth-check/1|{binding.training_id}|"
                                 f"{binding.server_round}|{index}".encode()).digest()
         fraction = np.frombuffer(digest[:4 * CHECK_VALUES], dtype=">u4") / 2.0**32
@@ -73,16 +94,42 @@ def check_values(binding: RoundBinding, ciphertexts: int) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(ciphertexts, CHECK_VALUES)
 
 
+def check_gain(preset: CkksPreset) -> float:
+    """What reserved values are multiplied by: 1 at scale 2^40 and above."""
+    return 2.0 ** max(0, CHECK_SCALE_BITS - preset.scale_bits)
+
+
+def reserved_values(preset: CkksPreset) -> int:
+    """Values reserved per ciphertext: the check values, and the site count if quantized."""
+    return CHECK_VALUES + (preset.quantization is not None)
+
+
+def reserved_rows(preset: CkksPreset, binding: RoundBinding, ciphertexts: range,
+                  weight: float) -> np.ndarray:
+    """What a site encrypts in the reserved values of `ciphertexts`: weight * c (and 1), times
+    the preset's check gain."""
+    rows = check_values(binding, len(ciphertexts), ciphertexts.start) * weight
+    if preset.quantization is not None:
+        rows = np.hstack([rows, np.ones((len(rows), 1))])
+    return rows * check_gain(preset)
+
+
 @dataclass(frozen=True)
 class Packing:
-    """Where data and check values sit in the ciphertexts of a `size`-value vector."""
+    """Where data and reserved values sit in the ciphertexts of a vector of `size` data reals."""
 
     size: int
     per_ciphertext: int
+    reserved: int = CHECK_VALUES
+    digits: int = 1  # parameters per data real
 
     @property
     def data_per_ciphertext(self) -> int:
-        return self.per_ciphertext - CHECK_VALUES
+        return self.per_ciphertext - self.reserved
+
+    @property
+    def params_per_ciphertext(self) -> int:
+        return self.data_per_ciphertext * self.digits
 
     @property
     def ciphertexts(self) -> int:
@@ -91,27 +138,35 @@ class Packing:
 
     @property
     def payload_size(self) -> int:
-        return self.size + self.ciphertexts * CHECK_VALUES
+        return self.size + self.ciphertexts * self.reserved
 
-    def join(self, vector: np.ndarray, checks: np.ndarray) -> np.ndarray:
-        """Data chunk i followed by its check values, for every i."""
+    def join(self, vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Data chunk i followed by its reserved values, for every i."""
         step = self.data_per_ciphertext
         parts = []
         for i in range(self.ciphertexts):
-            parts += [vector[i * step:(i + 1) * step], checks[i]]
+            parts += [vector[i * step:(i + 1) * step], rows[i]]
         return np.concatenate(parts)
 
     def split(self, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The inverse of `join`: (data vector, check values per ciphertext)."""
+        """The inverse of `join`: (data vector, reserved values per ciphertext)."""
         per = self.per_ciphertext
         chunks = [payload[i * per:(i + 1) * per] for i in range(self.ciphertexts)]
-        vector = np.concatenate([chunk[:-CHECK_VALUES] for chunk in chunks])
-        checks = np.array([chunk[-CHECK_VALUES:] for chunk in chunks])
-        return vector, checks.reshape(self.ciphertexts, CHECK_VALUES)
+        vector = np.concatenate([chunk[:-self.reserved] for chunk in chunks])
+        rows = np.array([chunk[-self.reserved:] for chunk in chunks])
+        return vector, rows.reshape(self.ciphertexts, self.reserved)
+
+    def params_of(self, ciphertexts: range, params: int) -> slice:
+        """Which of the `params` parameters ciphertexts `ciphertexts` carry."""
+        per = self.params_per_ciphertext
+        return slice(min(params, ciphertexts.start * per), min(params, ciphertexts.stop * per))
 
     @classmethod
     def of(cls, size: int, preset: CkksPreset) -> "Packing":
-        return cls(size, preset.values_per_ciphertext)
+        """For `size` parameters (reals: parameters / digits per real, rounded up)."""
+        digits = preset.digits_per_real
+        return cls(-(-size // digits), preset.values_per_ciphertext, reserved_values(preset),
+                   digits)
 
 
 def encrypt_vector(key: SiteKey, vector: np.ndarray) -> list[bytes]:
@@ -177,51 +232,151 @@ def _to_slots(vector: np.ndarray, complex_slots: bool) -> np.ndarray:
     return np.ascontiguousarray(np.pad(vector, (0, len(vector) % 2))).view(np.complex128)
 
 
+@dataclass(frozen=True)
+class _EncodeJob:
+    """Ciphertexts `ciphertexts` of one update: its parameters there, unweighted."""
+
+    values: np.ndarray
+    ciphertexts: range
+    weight: float
+    binding: RoundBinding
+    seed: int  # stochastic rounding's, drawn per ciphertext
+
+
+def _encode(key: SiteKey, job: _EncodeJob) -> list[bytes]:
+    """The ciphertexts of one range: data on the preset's grid, reserved values, encrypted."""
+    preset = key.preset
+    packing = Packing.of(len(job.values), preset)  # a range is packed like a whole vector
+    if preset.quantization is None:
+        reals = fixed_point.on_grid(job.values, job.weight)
+    else:
+        per = packing.params_per_ciphertext
+        noise = np.concatenate([np.random.default_rng((job.seed, i)).random(per)
+                                for i in job.ciphertexts])[:len(job.values)]
+        counts = packed_digits.quantize(job.values, job.weight, preset.quantization, noise)
+        reals = packed_digits.pack(counts, preset.quantization.digit_bits, preset.digits_per_real)
+    return encrypt_vector(key, packing.join(reals, reserved_rows(preset, job.binding,
+                                                                 job.ciphertexts, job.weight)))
+
+
 def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: float,
-                   *, binding: RoundBinding = UNBOUND, weight_sum_bound: float = 1.0
-                   ) -> ArrayRecord:
+                   *, binding: RoundBinding = UNBOUND, weight_sum_bound: float = 1.0,
+                   workers: int | None = None) -> ArrayRecord:
     """E(weight * tensors on the grid, weight * check values of `binding`) as an ArrayRecord.
 
-    The data values are rounded to `fixed_point`'s grid (so the decrypted sum can be made
-    exact); the check values are not (their sum s * c must come out as the site predicts it).
-    `weight_sum_bound` bounds s = sum of all sites' weights (1 for the strategy's normalised
-    a_k); the headroom check refuses values whose encrypted sum could overflow.
+    The data values are rounded to the preset's grid (`fixed_point`'s, or its `Quantization`
+    by stochastic rounding), so the decrypted sum can be made exact; the check values are not
+    (their sum s * c must come out as the site predicts it). `weight_sum_bound` bounds s = sum
+    of all sites' weights (1 for the strategy's normalised a_k); the headroom check refuses
+    values whose encrypted sum could overflow, a quantized preset any value beyond its range.
+    `workers`: processes to encrypt with (None: `chunk_pool.default_workers()`).
     """
-    vector = TensorLayout.of(tensors).flatten(tensors)
-    largest = float(np.max(np.abs(vector), initial=1.0))
-    key.preset.check_headroom(largest * max(weight_sum_bound, weight))
+    layout = TensorLayout.of(tensors)
+    vector = layout.flatten(tensors)
+    _check_headroom(key.preset, layout, vector, weight, weight_sum_bound)
     packing = Packing.of(len(vector), key.preset)
-    payload = packing.join(fixed_point.on_grid(vector, weight),
-                           check_values(binding, packing.ciphertexts) * weight)
-    return ciphertexts_to_record(encrypt_vector(key, payload))
+    seed = zlib.crc32(vector.tobytes(), zlib.crc32(repr((binding, weight)).encode()))
+    jobs = [_EncodeJob(vector[packing.params_of(r, len(vector))], r, weight, binding, seed)
+            for r in _ranges(packing.ciphertexts, workers)]
+    return ciphertexts_to_record([b for part in map_ranges(_encode, key, jobs, _workers(workers))
+                                  for b in part])
+
+
+def _check_headroom(preset: CkksPreset, layout: TensorLayout, vector: np.ndarray, weight: float,
+                    weight_sum_bound: float) -> None:
+    """HeadroomError unless every weighted value and every sum of them fits the preset."""
+    if preset.quantization is None:
+        largest = float(np.max(np.abs(vector), initial=1.0))
+        preset.check_headroom(largest * max(weight_sum_bound, weight))
+        return
+    quantization = preset.quantization
+    if max(weight_sum_bound, weight) > 1:
+        raise HeadroomError(f"CKKS preset '{preset.name}' packs digits sized for weights summing "
+                            f"to at most 1, not {max(weight_sum_bound, weight):g}: normalise a_k")
+    index = packed_digits.out_of_range(vector, quantization)
+    if index is not None:
+        raise HeadroomError(
+            f"CKKS preset '{preset.name}' quantizes |w| <= {quantization.largest:g}: tensor "
+            f"'{layout.name_at(index)}' holds {vector[index]:.6g}, which would wrap into the "
+            "next digit; refused. Use a preset without quantization (default) for this model")
+
+
+@dataclass(frozen=True)
+class _DecodeJob:
+    """A range of a global's ciphertexts, holding `params` of its parameters."""
+
+    blobs: list[bytes]
+    params: int
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One range, decrypted and rounded to its grid: what `decrypt_global` checks and joins."""
+
+    sums: np.ndarray  # grid sums (float64), or integer counts of the quantizer's step
+    reserved: np.ndarray
+    distance: fixed_point.GridDistance
+    carried: int  # reals whose sum left its digits
+
+
+def _decode(key: SiteKey, job: _DecodeJob) -> _Decoded:
+    preset = key.preset
+    packing = Packing.of(job.params, preset)
+    reals, reserved = packing.split(decrypt_vector(key, job.blobs, packing.payload_size))
+    reserved = reserved / check_gain(preset)
+    if preset.quantization is None:
+        sums, distance = fixed_point.nearest(reals)
+        return _Decoded(sums, reserved, distance, 0)
+    integers, distance = fixed_point.nearest(reals, grid_bits=0)
+    counts, carried = packed_digits.unpack(integers, preset.quantization.digit_bits,
+                                           preset.digits_per_real, job.params)
+    return _Decoded(counts, reserved, distance, carried)
 
 
 def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weight_sum: float,
-                   *, binding: RoundBinding = UNBOUND) -> dict[str, np.ndarray]:
+                   *, binding: RoundBinding = UNBOUND, workers: int | None = None
+                   ) -> dict[str, np.ndarray]:
     """Decrypt E(sum a_k w_k), verify its check values, round it to the exact grid sum and
-    divide by s = sum a_k: the weighted mean, as named tensors, bit for bit the one a plaintext
-    run computes (`fixed_point`). `binding` names the round whose replies were summed.
+    divide by s = sum a_k: the weighted mean, as named tensors (on `fixed_point`'s grid bit for
+    bit the one a plaintext run computes). `binding` names the round whose replies were summed;
+    `workers` as for `encrypt_update`.
 
     Raises IntegrityError when any ciphertext cannot be decrypted, its check values differ
-    from s * c, or its data values lie off the grid.
+    from s * c, it sums more updates than a quantized preset allows, or its data values lie
+    off the grid.
     """
     fixed_point.check_weight_sum(weight_sum)
-    packing = Packing.of(layout.size, key.preset)
+    preset = key.preset
+    packing = Packing.of(layout.size, preset)
     try:
-        payload = decrypt_vector(key, record_to_ciphertexts(record), packing.payload_size)
+        blobs = record_to_ciphertexts(record)
+        if len(blobs) != packing.ciphertexts:
+            raise ValueError(f"{len(blobs)} ciphertexts, the layout takes {packing.ciphertexts}")
+        jobs = [_DecodeJob(blobs[r.start:r.stop], _count(packing.params_of(r, layout.size)))
+                for r in _ranges(packing.ciphertexts, workers)]
+        parts = map_ranges(_decode, key, jobs, _workers(workers))
     except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's errors on damaged bytes
         raise IntegrityError(f"the global of round {binding.server_round} cannot be decrypted "
                              f"({exc}): it is damaged or was built for another layout") from None
-    vector, found = packing.split(payload)
-    verify_checks(found, binding, weight_sum)
+    reserved = np.concatenate([p.reserved for p in parts])
+    verify_checks(reserved[:, :CHECK_VALUES], binding, weight_sum)
+    if preset.quantization is not None:
+        _verify_count(reserved[:, CHECK_VALUES], preset, binding)
     try:
-        summed = fixed_point.snap(vector)
+        fixed_point.GridDistance.combine([p.distance for p in parts]).check()
     except fixed_point.OffGridError as exc:
         raise IntegrityError(f"the global of round {binding.server_round} passes its check "
                              f"values but is not a sum of grid-rounded updates ({exc}): a site "
                              "that did not round its update, or damage the check values missed"
                              ) from None
-    return layout.unflatten(fixed_point.mean(summed, weight_sum))
+    sums = np.concatenate([p.sums for p in parts])
+    if preset.quantization is not None:
+        carried = sum(p.carried for p in parts)
+        if carried:
+            raise IntegrityError(f"the global of round {binding.server_round} holds {carried} "
+                                 "values beyond its packed digits: not a sum of quantized updates")
+        sums = np.ldexp(sums.astype(np.float64), -preset.quantization.fraction_bits)
+    return layout.unflatten(fixed_point.mean(sums, weight_sum))
 
 
 def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -> None:
@@ -241,3 +396,29 @@ def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -
         f"{weight_sum:.6g}): an update made under another secret key, damaged ciphertexts, a "
         "site that multiplied by another weight, or an update made for another round or "
         "position entered the sum")
+
+
+def _verify_count(counts: np.ndarray, preset: CkksPreset, binding: RoundBinding) -> None:
+    """The summed site count: one whole number, the same in every ciphertext, <= max_sites."""
+    assert preset.quantization is not None
+    summed = np.rint(counts)
+    if not (np.all(np.abs(counts - summed) <= CHECK_TOLERANCE) and np.all(summed == summed[0])
+            and 1 <= summed[0] <= preset.quantization.max_sites):
+        raise IntegrityError(
+            f"the global of round {binding.server_round} counts {np.unique(counts)[:3]} summed "
+            f"updates, preset '{preset.name}' holds 1 to {preset.quantization.max_sites} "
+            "without a carry between its packed digits: the aggregator summed too many sites")
+
+
+def _count(params: slice) -> int:
+    return params.stop - params.start
+
+
+def _workers(workers: int | None) -> int:
+    return default_workers() if workers is None else workers
+
+
+def _ranges(ciphertexts: int, workers: int | None) -> list[range]:
+    """One range per worker, or a single one below MIN_PARALLEL_CIPHERTEXTS."""
+    parallel = _workers(workers) if ciphertexts >= MIN_PARALLEL_CIPHERTEXTS else 1
+    return split(ciphertexts, parallel)

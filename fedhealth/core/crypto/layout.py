@@ -34,6 +34,15 @@ class TensorLayout:
         """Number of scalar values once flattened."""
         return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in self.entries)
 
+    def name_at(self, index: int) -> str:
+        """The tensor that value `index` of the flat vector belongs to (for error messages)."""
+        stop = 0
+        for name, shape, _ in self.entries:
+            stop += int(np.prod(shape, dtype=np.int64))
+            if index < stop:
+                return name
+        raise IndexError(f"value {index} is beyond the layout's {self.size} values")
+
     def flatten(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """One float64 vector in layout order; refuses tensors that do not match the layout."""
         found = TensorLayout.of(tensors)

@@ -4,7 +4,10 @@ The aggregator only adds ciphertexts, so no multiplication level is needed: the 
 coefficient modulus except TenSEAL's special (last) prime holds data. SEAL stores every
 coefficient in 8 bytes, so a ciphertext of 2 polynomials costs 16 bytes per slot and data prime;
 packing two values per (complex) slot halves that, and a seeded ciphertext, whose uniform half
-is sent as the seed it was drawn from, halves it again.
+is sent as the seed it was drawn from, halves it again. Below that, a preset with a
+`Quantization` packs several small integers into every real (`packed_digits`): each site rounds
+a_k * w stochastically to a grid, and the digits are sized here, from the headroom and the
+number of sites, so that a sum of `max_sites` updates never carries from one digit into the next.
 """
 
 import math
@@ -16,6 +19,51 @@ class HeadroomError(ValueError):
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """Each site's a_k * w as an integer count of `step`s (stochastic rounding), for |w| <= `largest`.
+
+    The aggregator needs none of this (it adds ciphertexts); sites derive everything from the
+    preset, which is part of the federation's key files. `max_sites` is a promise the
+    aggregator must keep (sum at most that many updates); sites verify it after decrypting.
+    """
+
+    range_bits: int  # |w| <= 2^range_bits is sent; anything beyond is refused, never wrapped
+    fraction_bits: int  # step = 2^-fraction_bits
+    max_sites: int
+
+    @property
+    def step(self) -> float:
+        return 2.0**-self.fraction_bits
+
+    @property
+    def largest(self) -> float:
+        """The largest |w| a site may send."""
+        return 2.0**self.range_bits
+
+    @property
+    def levels(self) -> int:
+        """Largest |sum_k a_k w_k| / step over sites with s = sum a_k <= 1."""
+        return 2 ** (self.range_bits + self.fraction_bits)
+
+    @property
+    def largest_digit(self) -> int:
+        """Largest |sum of q_k| in one digit: `levels`, plus less than one step per site that
+        stochastic rounding (q = floor(x + u)) may add to |x|."""
+        return self.levels + self.max_sites
+
+    @property
+    def digit_bits(self) -> int:
+        """Width b of a signed digit: |digit sum| <= largest_digit < 2^(b-1), so centred base-2^b
+        decoding gives every digit back without a carry into its neighbour."""
+        return self.largest_digit.bit_length() + 1
+
+    def mean_error(self, sites: int, weight_sum: float) -> float:
+        """Bound on |decrypted mean - exact weighted mean|: each site's term moves by less than
+        one step, and the sum is divided by s."""
+        return sites * self.step / weight_sum
+
+
+@dataclass(frozen=True)
 class CkksPreset:
     """One CKKS parameter set (TenSEAL's `poly_modulus_degree`, `coeff_mod_bit_sizes`, scale)
     and how sites pack values into it.
@@ -23,6 +71,8 @@ class CkksPreset:
     `complex_slots`: two values per slot, as its real and imaginary part (N values per
     ciphertext instead of TenSEAL's N/2 reals). `seeded`: sites send SEAL's seeded form of a
     symmetric ciphertext (half the bytes; the aggregator re-derives the uniform half on load).
+    `quantization`: pack `digits_per_real` quantized values into every real (None: one value on
+    `fixed_point`'s grid per real).
     """
 
     name: str
@@ -31,6 +81,7 @@ class CkksPreset:
     scale_bits: int
     complex_slots: bool = True
     seeded: bool = False
+    quantization: Quantization | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coeff_mod_bit_sizes", tuple(self.coeff_mod_bit_sizes))
@@ -38,6 +89,13 @@ class CkksPreset:
             raise HeadroomError(
                 f"CKKS preset '{self.name}': scale 2^{self.scale_bits} leaves no room in "
                 f"{self.data_level_bits} data-level bits; lower scale_bits or add a prime"
+            )
+        if self.quantization is not None and self.digits_per_real < 1:
+            raise HeadroomError(
+                f"CKKS preset '{self.name}': a digit of {self.quantization.digit_bits} bits "
+                f"(levels {self.quantization.levels} + {self.quantization.max_sites} sites) does "
+                f"not fit in {self.headroom_bits} bits of headroom; lower range_bits, "
+                "fraction_bits, max_sites or scale_bits"
             )
 
     @property
@@ -49,6 +107,14 @@ class CkksPreset:
     def values_per_ciphertext(self) -> int:
         """The chunk one ciphertext carries: every slot once, or twice with complex slots."""
         return self.slots * (2 if self.complex_slots else 1)
+
+    @property
+    def digits_per_real(self) -> int:
+        """Quantized values per real: n digits of b bits sum to |X| < 2^(n*b - 1), which must
+        stay below 2^headroom_bits; 1 without quantization."""
+        if self.quantization is None:
+            return 1
+        return (self.headroom_bits + 1) // self.quantization.digit_bits
 
     @property
     def data_level_bits(self) -> int:
@@ -88,6 +154,11 @@ PRESETS: dict[str, CkksPreset] = {
         # NVIDIA FLARE's defaults and packing (TenSEAL real vectors), kept for comparison:
         # 100 data-level bits, ~57 B/param once SEAL's zstd squeezes the 40-bit primes.
         CkksPreset("nvflare", 8192, (60, 40, 40), 40, complex_slots=False),
+        # Seeded, quantized and packed: |w| <= 4 on a grid of 2^-10, at most 32 sites. Scale 2^17
+        # keeps the CKKS noise of a 32-site sum below 0.03 of an integer (measured, 625 * sqrt(K)
+        # / 2^17), leaving 42 bits of headroom per real: 3 digits of 14 bits, ~2.7 B/param.
+        CkksPreset("packed", 4096, (60, 49), 17, seeded=True,
+                   quantization=Quantization(range_bits=2, fraction_bits=10, max_sites=32)),
     )
 }
 

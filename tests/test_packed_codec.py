@@ -1,0 +1,181 @@
+"""The quantized, packed preset and the parallel codec, with real TenSEAL ciphertexts.
+
+The sums go through the aggregator's own `sum_updates`; sizes are small but span several
+ciphertexts, and the parallel tests span enough of them to use the worker processes.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhealth.core.crypto import packed_digits, wire
+from fedhealth.core.crypto.chunk_pool import MIN_PARALLEL_CIPHERTEXTS
+from fedhealth.core.crypto.codec import (
+    IntegrityError,
+    Packing,
+    decrypt_global,
+    decrypt_vector,
+    encrypt_update,
+    encrypt_vector,
+)
+from fedhealth.core.crypto.keys import (
+    AggregatorKey,
+    SiteKey,
+    init_key_files,
+    load_aggregator_context,
+    load_site_context,
+)
+from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.presets import CkksPreset, HeadroomError, Quantization
+from strategies.ciphertext_sum import sum_updates
+
+
+def keys(out: Path, preset: str) -> tuple[SiteKey, AggregatorKey]:
+    init_key_files(out, preset)
+    return (load_site_context(out / wire.SITE_KEY_FILE),
+            load_aggregator_context(out / wire.AGGREGATOR_KEY_FILE))
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteKey, AggregatorKey]:
+    return keys(tmp_path_factory.mktemp("packed"), "packed")
+
+
+def global_of(key: SiteKey, aggregator: AggregatorKey, updates: list[dict[str, np.ndarray]],
+              weights: list[float], **kwargs: int) -> dict[str, np.ndarray]:
+    """The sites' updates encrypted, summed by the aggregator's code, decrypted by a site."""
+    total = sum_updates(aggregator, [encrypt_update(key, u, a, **kwargs)
+                                     for u, a in zip(updates, weights, strict=True)])
+    assert total is not None
+    return decrypt_global(key, wire.ciphertexts_to_record(total.ciphertexts),
+                          TensorLayout.of(updates[0]), float(np.sum(weights)), **kwargs)
+
+
+def test_the_packed_preset_costs_less_than_plaintext_float32(
+        packed: tuple[SiteKey, AggregatorKey]) -> None:
+    site, _ = packed
+    params = 3 * Packing.of(1, site.preset).params_per_ciphertext
+    record = encrypt_update(site, {"w": np.zeros(params, dtype=np.float32)}, 0.5)
+    assert site.preset.digits_per_real == 3
+    assert sum(len(a.data) for a in record.values()) / params <= 4.0
+
+
+EXTREMES = {
+    "all at +max": lambda n, largest: np.full(n, largest),
+    "all at -max": lambda n, largest: np.full(n, -largest),
+    "alternating": lambda n, largest: np.where(np.arange(n) % 2, largest, -largest),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(EXTREMES))
+@pytest.mark.parametrize("weighting", ["uniform", "skewed"])
+def test_weighted_mean_within_its_bound_at_the_headroom_limit(
+        packed: tuple[SiteKey, AggregatorKey], pattern: str, weighting: str) -> None:
+    """max_sites updates at the quantizer's extremes (per site, alternating in sign between
+    sites too): the decrypted mean is numpy's within `Quantization.mean_error`."""
+    site, aggregator = packed
+    quantization = site.preset.quantization
+    assert quantization is not None
+    sites, params = quantization.max_sites, 13_000  # two ciphertexts
+    values = EXTREMES[pattern](params, quantization.largest)
+    updates = [{"w": (values if k % 2 == 0 or pattern != "alternating" else -values
+                      ).astype(np.float32)} for k in range(sites)]
+    counts = np.ones(sites) if weighting == "uniform" else np.arange(1, sites + 1) ** 2
+    weights = [float(c / counts.sum()) for c in counts]
+    got = global_of(site, aggregator, updates, weights)["w"]
+    exact = np.average([u["w"].astype(np.float64) for u in updates], axis=0, weights=weights)
+    error = np.max(np.abs(got - exact))
+    assert error <= quantization.mean_error(sites, float(np.sum(weights)))
+    assert np.max(np.abs(got)) <= quantization.largest + quantization.mean_error(sites, 1.0)
+
+
+def test_packed_digits_never_carry_at_the_largest_digit_sum(
+        packed: tuple[SiteKey, AggregatorKey]) -> None:
+    """Digit sums of exactly +-largest_digit (what max_sites sites can produce at s = 1), summed
+    under CKKS, come back digit by digit; one beyond the digit's half range would not."""
+    site, aggregator = packed
+    quantization = site.preset.quantization
+    assert quantization is not None
+    bits, per, sites = quantization.digit_bits, site.preset.digits_per_real, quantization.max_sites
+    size = 2 * per * 1000
+    target = quantization.largest_digit * np.where(np.arange(size) % 3 == 1, -1, 1)
+    shares = np.diff(np.linspace(0, 1, sites + 1)[:, None] * target, axis=0).round().astype(int)
+    shares[-1] += target - shares.sum(axis=0)  # sites' counts that sum to exactly `target`
+    blobs = [encrypt_vector(site, packed_digits.pack(s, bits, per)) for s in shares]
+    total = sum_updates(aggregator, [wire.ciphertexts_to_record(b) for b in blobs])
+    assert total is not None
+    reals = decrypt_vector(site, total.ciphertexts, size // per)
+    digits, carried = packed_digits.unpack(np.rint(reals), bits, per, size)
+    assert carried == 0 and np.array_equal(digits, target)
+
+    beyond = np.full(per, 2 ** (bits - 1))  # one past the largest a digit can hold
+    wrapped, _ = packed_digits.unpack(packed_digits.pack(beyond, bits, per), bits, per, per)
+    assert not np.array_equal(wrapped, beyond)
+
+
+def test_more_sites_than_the_digits_hold_are_refused(
+        packed: tuple[SiteKey, AggregatorKey]) -> None:
+    site, aggregator = packed
+    quantization = site.preset.quantization
+    assert quantization is not None
+    sites = quantization.max_sites + 1
+    update = {"w": np.full(10, 0.5, dtype=np.float32)}
+    total = sum_updates(aggregator, [encrypt_update(site, update, 1 / sites)] * sites)
+    assert total is not None
+    with pytest.raises(IntegrityError, match="summed too many sites"):
+        decrypt_global(site, wire.ciphertexts_to_record(total.ciphertexts),
+                       TensorLayout.of(update), 1.0)
+
+
+def test_a_value_beyond_the_quantizers_range_is_refused_not_wrapped(
+        packed: tuple[SiteKey, AggregatorKey]) -> None:
+    site, _ = packed
+    quantization = site.preset.quantization
+    assert quantization is not None
+    largest = quantization.largest
+    ok = {"conv.weight": np.full(4, largest, dtype=np.float32), "bn.running_var": np.ones(3)}
+    encrypt_update(site, ok, 0.5)  # the limit itself is in range
+    for bad in (np.nextafter(largest, np.inf), -2 * largest, np.nan, np.inf):
+        with pytest.raises(HeadroomError, match="tensor 'bn.running_var' holds"):
+            encrypt_update(site, {**ok, "bn.running_var": np.array([1.0, bad, 1.0])}, 0.5)
+    with pytest.raises(HeadroomError, match="weights summing to at most 1"):
+        encrypt_update(site, ok, 0.5, weight_sum_bound=2.0)
+
+
+def test_a_preset_whose_digits_do_not_fit_is_refused() -> None:
+    with pytest.raises(HeadroomError, match="does not fit"):
+        CkksPreset("too-fine", 4096, (60, 49), 17,
+                   quantization=Quantization(range_bits=20, fraction_bits=30, max_sites=32))
+
+
+def test_a_damaged_packed_ciphertext_is_refused(packed: tuple[SiteKey, AggregatorKey]) -> None:
+    site, _ = packed
+    update = {"w": np.linspace(-1, 1, 5000, dtype=np.float32)}
+    blobs = wire.record_to_ciphertexts(encrypt_update(site, update, 1.0))
+    damaged = bytearray(blobs[0])
+    damaged[len(damaged) // 2] ^= 0x10
+    with pytest.raises(IntegrityError):
+        decrypt_global(site, wire.ciphertexts_to_record([bytes(damaged)]),
+                       TensorLayout.of(update), 1.0)
+
+
+@pytest.mark.parametrize("preset", ["default", "packed"])
+def test_parallel_codec_decrypts_to_the_serial_codecs_bytes(tmp_path: Path, preset: str) -> None:
+    """Two processes against one, for encryption and decryption: the same decrypted bytes."""
+    site, aggregator = keys(tmp_path, preset)
+    params = MIN_PARALLEL_CIPHERTEXTS * Packing.of(1, site.preset).params_per_ciphertext + 17
+    rng = np.random.default_rng(7)
+    updates = [{"w": rng.uniform(-1, 1, params).astype(np.float32),
+                "b": rng.uniform(-1, 1, 5).astype(np.float32)} for _ in range(2)]
+    weights = [0.25, 0.75]
+    serial = global_of(site, aggregator, updates, weights, workers=1)
+    parallel = global_of(site, aggregator, updates, weights, workers=2)
+    for name in serial:
+        assert serial[name].tobytes() == parallel[name].tobytes(), name
+
+    record = encrypt_update(site, updates[0], 1.0, workers=2)  # one set of ciphertexts, two ways
+    layout = TensorLayout.of(updates[0])
+    one = decrypt_global(site, record, layout, 1.0, workers=1)
+    two = decrypt_global(site, record, layout, 1.0, workers=2)
+    assert all(one[n].tobytes() == two[n].tobytes() for n in one)
