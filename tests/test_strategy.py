@@ -78,12 +78,14 @@ def grid_error(num_sites: int, weight_sum: float = 1.0) -> float:
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_holds_the_mean_of_eight_large_updates(tmp_path: Path, preset: str) -> None:
-    """|a_k w_k| up to 10 at every site, 8 sites: still within the grid's rounding of numpy's
-    weighted mean."""
+    """|a_k w_k| up to 10 at every site (up to a quantized preset's range), 8 sites: still within
+    the grid's rounding of numpy's weighted mean (the quantizer's bound)."""
     init_key_files(tmp_path, preset)
     key = load_site_context(tmp_path / wire.SITE_KEY_FILE)
     counts = [5 + 31 * k for k in range(8)]
-    targets = [{name: np.clip(20 * t, -20, 20) for name, t in random_tensors(k).items()}
+    quantization = key.preset.quantization
+    limit = 20 if quantization is None else 2 * quantization.largest  # sites send 0.5 * target
+    targets = [{name: np.clip(20 * t, -limit, limit) for name, t in random_tensors(k).items()}
                for k in range(8)]
     sites = [FakeSite(f"h{k}", key, counts[k], targets[k]) for k in range(8)]
     strategy = strategy_for(tmp_path, 8)
@@ -92,7 +94,8 @@ def test_every_preset_holds_the_mean_of_eight_large_updates(tmp_path: Path, pres
     for name in targets[0]:
         expected = np.average([0.5 * t[name].astype(np.float64) for t in targets], axis=0,
                               weights=counts)
-        assert np.max(np.abs(got[name] - expected)) <= grid_error(8)
+        assert np.max(np.abs(got[name] - expected)) <= (
+            grid_error(8) if quantization is None else quantization.mean_error(8, 1.0))
 
 
 def test_uniform_weights_need_no_census(key_dir: Path, site_key: SiteKey) -> None:
