@@ -21,7 +21,7 @@ import typer
 
 from sites.bundle_layout import INFERENCE, WEIGHTS, BundleError, BundleFacts
 from sites.data_limits import DataLimits
-from sites.pipeline_config import IMAGE, LABEL, MONOCHROME1
+from sites.pipeline_config import datalist_item
 
 if TYPE_CHECKING:  # torch and MONAI load when a prediction runs, not with `fedhealth --help`
     import torch
@@ -54,7 +54,7 @@ class Predictions:
 
 def _items(images: "list[DicomImage]") -> list[dict[str, object]]:
     # `label` is what the site pipeline's last steps type and keep; -1: unknown
-    return [{IMAGE: str(i.path), LABEL: -1, MONOCHROME1: i.monochrome1} for i in images]
+    return [datalist_item(str(i.path), -1, i.monochrome1, i.frame) for i in images]
 
 
 def predict(bundle: Path, studies: Path, seg_dir: Path | None = None) -> Predictions:

@@ -7,13 +7,18 @@ with a reason an IT person can act on; nothing here raises for a bad file.
 
 `SiteDicomReader` is the one acceptance path: the site check inspects a file with it and the
 training pipeline decodes with it, so whatever the check accepts, training loads.
+
+Colour (RGB, YBR_*, PALETTE COLOR) and multi-frame files are accepted: pydicom's decoders return
+YBR as RGB, the reader looks palette indices up in the file's colour table, and every frame of a
+multi-frame file is one 2D item (`DicomImage.frame`). The pipeline (`sites.pipeline_config`)
+turns the colour into the model's channels.
 """
 
 import json
 import os
 import stat
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +27,27 @@ import numpy as np
 import pydicom
 from monai.data import PydicomReader
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
-from pydicom.uid import MediaStorageDirectoryStorage
+from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.uid import (
+    JPEG2000TransferSyntaxes,
+    JPEGExtended12Bit,
+    MediaStorageDirectoryStorage,
+    RTDoseStorage,
+)
 
 from fedhealth.core.atomic_file import write_atomically
 from sites.data_limits import MB, DataLimits
-from sites.pipeline_config import SWAP_IJ
+from sites.pipeline_config import NO_FRAME, SWAP_IJ
 
 _DEFAULT_MAX_BYTES = DataLimits().max_image_bytes
 # Elements larger than this (the pixel data) are read only when used, i.e. after the size check.
 _DEFER_SIZE = "256 KB"
+# PhotometricInterpretation -> SamplesPerPixel the site decodes. pydicom's decoders return YBR_FULL
+# and YBR_FULL_422 as RGB (their `as_rgb` default) and the JPEG 2000 decoders undo YBR_ICT/YBR_RCT
+# themselves; PALETTE COLOR indices are looked up by the reader.
+_PHOTOMETRIC_SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3,
+                        "YBR_FULL": 3, "YBR_FULL_422": 3, "YBR_ICT": 3, "YBR_RCT": 3}
+_JPEG2000_ONLY = ("YBR_ICT", "YBR_RCT")  # the component transforms of JPEG 2000, nowhere else
 
 
 class SiteDataError(ValueError):
@@ -44,7 +60,9 @@ class UnusableImage(ValueError):
 
 @dataclass(frozen=True)
 class DicomImage:
-    """One usable single-frame greyscale image and where it sits in the patient/study hierarchy."""
+    """One usable 2D image (a single-frame file, or one frame of a multi-frame file) and where it
+    sits in the patient/study hierarchy. All frames of a file share its UIDs, hence its label
+    and its patient's split."""
 
     path: Path
     patient_id: str
@@ -56,6 +74,7 @@ class DicomImage:
     monochrome1: bool  # stored dark-is-dense: the pipeline inverts it
     rows: int
     columns: int
+    frame: int = NO_FRAME  # the frame's 0-based index in a multi-frame file; NO_FRAME: single-frame
 
 
 @dataclass(frozen=True)
@@ -68,14 +87,15 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Scan:
-    """Every entry under a site folder: usable images plus skipped entries (`files` = both)."""
+    """Every entry under a site folder: usable images (a multi-frame file gives one per frame)
+    plus skipped entries; `files` counts the files both come from."""
 
     images: list[DicomImage]
     skipped: list[Skipped]
 
     @property
     def files(self) -> int:
-        return len(self.images) + len(self.skipped)
+        return len({image.path for image in self.images}) + len(self.skipped)
 
 
 @dataclass(frozen=True)
@@ -86,19 +106,45 @@ class Listing:
     skipped: list[Skipped]
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """A multi-frame file's decoded pixels, kept for the items of its other frames."""
+
+    source: tuple[str, int, int]  # path, size, modification time
+    dataset: pydicom.Dataset
+    array: np.ndarray
+    meta: dict
+
+
 class SiteDicomReader(PydicomReader):
     """MONAI's PydicomReader that refuses, before decoding, what a site must not decode.
 
     Headers are read with large elements deferred, so the pixel data is neither read nor decoded
     until the declared size, layout and decoder have been checked; the decoded pixels must then
     have the declared shape and be finite after rescale. Raises `UnusableImage` with the reason.
+
+    Returns pydicom's layout: (frames,) rows, columns (, 3 samples), the frames axis only for a
+    multi-frame file, the samples axis for colour; YBR arrives as RGB (pydicom's decoders) and
+    PALETTE COLOR is looked up here (`pydicom.pixels.apply_color_lut`), so colour is always RGB.
+    A multi-frame file is one item per frame: its last decode is kept (one file, within the
+    size limit) so that its frames' items, which the caches fill in order, decode it once.
     """
 
     def __init__(self, max_image_bytes: int = _DEFAULT_MAX_BYTES) -> None:
         super().__init__(swap_ij=SWAP_IJ, defer_size=_DEFER_SIZE)
         self.max_image_bytes = max_image_bytes
+        self._last: _Decoded | None = None
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> Any:
+        last = self._last  # one read: another thread may replace it meanwhile
+        if last is not None and isinstance(data, str | os.PathLike) and _source(data) == last.source:
+            return last.dataset
+        return super().read(data, **kwargs)
 
     def get_data(self, data: pydicom.Dataset) -> tuple[np.ndarray, dict]:
+        last = self._last
+        if last is not None and last.dataset is data:
+            return last.array, dict(last.meta)
         if reason := unsupported_pixels(data, self.max_image_bytes):
             raise UnusableImage(reason)
         try:
@@ -106,15 +152,41 @@ class SiteDicomReader(PydicomReader):
         except Exception as err:  # decoding is the only way to find truncated or corrupt pixel data
             raise UnusableImage(f"pixel data cannot be decoded ({_brief(err)})"
                                 f"{_other_decoders(data)}") from None
-        declared = (int(data.Rows), int(data.Columns))
+        frames, samples = _frames(data), int(data.get("SamplesPerPixel", 1))
+        declared = ((frames,) if frames > 1 else ()) + (int(data.Rows), int(data.Columns)) + (
+            (samples,) if samples > 1 else ())
         if array.shape != declared:
             raise UnusableImage(f"decoded pixels have shape {array.shape}, the header declares "
-                                f"{declared[0]} x {declared[1]} (Rows x Columns): damaged header")
+                                f"{' x '.join(map(str, declared))} ((NumberOfFrames x) Rows x "
+                                "Columns (x SamplesPerPixel)): damaged header")
+        if data.PhotometricInterpretation == "PALETTE COLOR":
+            try:
+                array = apply_color_lut(array, data)
+            except Exception as err:  # a damaged or missing colour table
+                raise UnusableImage(f"PALETTE COLOR image whose colour table cannot be applied "
+                                    f"({_brief(err)}): fix or re-export the file") from None
         if not np.isfinite(array).all():
             slope, intercept = data.get("RescaleSlope", 1), data.get("RescaleIntercept", 0)
             raise UnusableImage(f"non-finite pixel values after rescale (RescaleSlope {slope}, "
                                 f"RescaleIntercept {intercept}): fix the file's rescale values")
-        return array, meta
+        filename = getattr(data, "filename", None)
+        if frames > 1 and isinstance(filename, str):
+            self._last = _Decoded(_source(filename), data, array, meta)
+        return array, dict(meta)
+
+
+def _source(path: str | os.PathLike) -> tuple[str, int, int]:
+    """Which file, in which state: a file rewritten in place is decoded again."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return (str(path), -1, -1)
+    return (os.path.realpath(path), status.st_size, status.st_mtime_ns)
+
+
+def _frames(ds: pydicom.Dataset) -> int:
+    """NumberOfFrames, 1 when absent (checked to be a positive integer by `declared_bytes`)."""
+    return int(ds.get("NumberOfFrames") or 1)
 
 
 def list_site(root: Path) -> Listing:
@@ -199,10 +271,10 @@ def scan_tree(root: Path, *, ignore: Collection[Path] = (),
         result = (_from_entry(path, entry) if entry and entry["stamp"] == stamp
                   else inspect_file(path, max_image_bytes))
         seen[str(path)] = {"stamp": stamp, **_to_entry(result)}
-        if isinstance(result, DicomImage):
-            images.append(result)
-        else:
+        if isinstance(result, Skipped):
             skipped.append(result)
+        else:
+            images.extend(result)
         if on_file is not None:
             on_file()
     if remember is not None and seen != known:
@@ -227,22 +299,23 @@ def _remembered(path: Path | None) -> dict[str, dict[str, object]]:
         return {}
 
 
-def _to_entry(result: DicomImage | Skipped) -> dict[str, object]:
+def _to_entry(result: list[DicomImage] | Skipped) -> dict[str, object]:
     if isinstance(result, Skipped):
         return {"skipped": result.reason}
-    return {"image": {**asdict(result), "path": str(result.path)}}
+    return {"images": [{**asdict(image), "path": str(image.path)} for image in result]}
 
 
-def _from_entry(path: Path, entry: dict[str, object]) -> DicomImage | Skipped:
+def _from_entry(path: Path, entry: dict[str, object]) -> list[DicomImage] | Skipped:
     if "skipped" in entry:
         return Skipped(str(path), str(entry["skipped"]))
-    fields: dict[str, Any] = dict(entry["image"])  # type: ignore[call-overload]
-    return DicomImage(**{**fields, "path": path})
+    images: list[dict[str, Any]] = entry.get("images", [])  # type: ignore[assignment]
+    return [DicomImage(**{**fields, "path": path}) for fields in images]
 
 
-def inspect_file(path: Path, max_image_bytes: int = _DEFAULT_MAX_BYTES) -> DicomImage | Skipped:
-    """Read `path` (header, then pixels if the header allows) and return the image, or why it
-    cannot be used."""
+def inspect_file(path: Path,
+                 max_image_bytes: int = _DEFAULT_MAX_BYTES) -> list[DicomImage] | Skipped:
+    """Read `path` (header, then pixels if the header allows) and return its images (one per
+    frame of a multi-frame file), or why it cannot be used."""
     with warnings.catch_warnings():  # pydicom warns about fixable quirks (padding, VR); not ours to show
         warnings.simplefilter("ignore")
         try:
@@ -253,7 +326,7 @@ def inspect_file(path: Path, max_image_bytes: int = _DEFAULT_MAX_BYTES) -> Dicom
             return Skipped(str(path), f"invalid DICOM ({_brief(err)})")
 
 
-def _inspect(path: Path, reader: SiteDicomReader) -> DicomImage:
+def _inspect(path: Path, reader: SiteDicomReader) -> list[DicomImage]:
     try:
         if path.stat().st_size == 0:
             raise UnusableImage("empty file")
@@ -274,18 +347,21 @@ def _inspect(path: Path, reader: SiteDicomReader) -> DicomImage:
     if "SegmentSequence" in ds:
         raise UnusableImage("a DICOM SEG object, not an image (give masks in the labels file's "
                             "mask column)")
+    if sop_class == RTDoseStorage:
+        raise UnusableImage("an RT Dose grid (radiotherapy dose per voxel), not an image")
     missing = [k for k in ("StudyInstanceUID", "PatientID") if not str(ds.get(k, "")).strip()]
     if missing:
         raise UnusableImage(f"no {' or '.join(missing)}: cannot join labels or split by patient")
     reader.get_data(ds)  # the pixels exactly as training will decode them
-    return DicomImage(
+    frames = _frames(ds)
+    return [DicomImage(
         path=path, patient_id=str(ds.PatientID).strip(), study_uid=str(ds.StudyInstanceUID),
         series_uid=str(ds.get("SeriesInstanceUID", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
         modality=str(ds.get("Modality", "")) or "unknown",
         manufacturer=str(ds.get("Manufacturer", "")) or "unknown",
         monochrome1=ds.PhotometricInterpretation == "MONOCHROME1",
-        rows=int(ds.Rows), columns=int(ds.Columns),
-    )
+        rows=int(ds.Rows), columns=int(ds.Columns), frame=frame,
+    ) for frame in (range(frames) if frames > 1 else [NO_FRAME])]
 
 
 def declared_bytes(ds: pydicom.Dataset) -> int:
@@ -309,8 +385,8 @@ def declared_bytes(ds: pydicom.Dataset) -> int:
 
 
 def unsupported_pixels(ds: pydicom.Dataset, max_image_bytes: int) -> str | None:
-    """Why this dataset's pixels must not be decoded (too large, not one greyscale frame, no
-    decoder), from the header alone; None when they may be."""
+    """Why this dataset's pixels must not be decoded (too large, a colour model the site does not
+    convert, no decoder), from the header alone; None when they may be."""
     try:
         size = declared_bytes(ds)
     except UnusableImage as err:
@@ -330,12 +406,28 @@ def unsupported_pixels(ds: pydicom.Dataset, max_image_bytes: int) -> str | None:
             return f"pixel data in {syntax.name} ({syntax}): no decoder exists for it in pydicom"
         if not decoder.is_available:
             return f"pixel data in {syntax.name}: no decoder installed{_other_decoders(ds)}"
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if ds.get("SamplesPerPixel", 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        return f"colour image ({photometric or 'no PhotometricInterpretation'}): sites train on greyscale"
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        return f"multi-frame image ({frames} frames): sites train on single 2D images"
+        if syntax == JPEGExtended12Bit and int(ds.get("BitsStored", 8)) > 8 and (
+                "pylibjpeg" not in decoder.available_plugins):
+            return (f"pixel data in {syntax.name} with {ds.BitsStored}-bit samples: no installed "
+                    "decoder reads 12-bit JPEG (python-gdcm's build has none); the GPL-3.0 "
+                    "pylibjpeg-libjpeg does (pip install 'fedhealth[jpeg-gpl]'), or re-export the "
+                    "study as JPEG Lossless")
+    return _unsupported_colour(ds, syntax)
+
+
+def _unsupported_colour(ds: pydicom.Dataset, syntax: pydicom.uid.UID) -> str | None:
+    """Why the site cannot turn this colour model into the model's channels, if it cannot."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    samples = ds.get("SamplesPerPixel", 1)
+    if photometric not in _PHOTOMETRIC_SAMPLES:
+        return (f"PhotometricInterpretation {photometric or '(none)'}: the site reads "
+                f"{', '.join(_PHOTOMETRIC_SAMPLES)}; re-export the image in one of them")
+    if samples != _PHOTOMETRIC_SAMPLES[photometric]:
+        return (f"{photometric} with SamplesPerPixel {samples}: {photometric} has "
+                f"{_PHOTOMETRIC_SAMPLES[photometric]}: damaged header")
+    if photometric in _JPEG2000_ONLY and syntax not in JPEG2000TransferSyntaxes:
+        return (f"{photometric} in {syntax.name}: that colour transform exists only in JPEG 2000 "
+                "pixel data: damaged header")
     return None
 
 

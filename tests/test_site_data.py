@@ -10,13 +10,16 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydicom.data import get_testdata_file
+from pydicom.pixels import get_decoder
 
 from fedhealth.core.synth.dicom import ImageIds, write_image
 from fedhealth.core.synth.phantom import Radiograph
 from fedhealth.core.synth.vendors import REFERENCE, VENDORS
 from sites import dicom_files
 from sites.dataset import SiteDataError, index_site, load_site, site_transforms, split_patients
-from sites.dicom_files import DicomImage, inspect_file
+from sites.dicom_files import Skipped, inspect_file
+from sites.pipeline_config import datalist_item
 
 
 def _ids(n: int, patient: str = "P1") -> ImageIds:
@@ -44,11 +47,11 @@ def test_truncated_file_is_skipped_with_reason(site: Path) -> None:
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) - 500])
     result = inspect_file(victim)
-    assert not isinstance(result, DicomImage)
+    assert isinstance(result, Skipped)
     assert "pixel data cannot be decoded" in result.reason
 
     victim.write_bytes(data[:200])  # cut inside the header
-    assert not isinstance(inspect_file(victim), DicomImage)
+    assert isinstance(inspect_file(victim), Skipped)
 
 
 def test_non_dicom_and_pixelless_files_are_skipped(site: Path) -> None:
@@ -62,16 +65,27 @@ def test_non_dicom_and_pixelless_files_are_skipped(site: Path) -> None:
     assert reasons[victim.name].startswith("no pixel data")
 
 
-def test_missing_decoder_names_the_package(tmp_path: Path) -> None:
+def test_12_bit_jpeg_without_a_decoder_names_the_optional_extra(tmp_path: Path) -> None:
+    """pydicom's 12-bit JPEG Extended file: python-gdcm's build cannot decode it, only the GPL
+    pylibjpeg-libjpeg can, which is not installed by default."""
+    path = Path(shutil.copy(get_testdata_file("JPEG-lossy.dcm"), tmp_path / "jpeg12.dcm"))
+    if "pylibjpeg" in get_decoder(pydicom.uid.JPEGExtended12Bit).available_plugins:
+        pytest.skip("the optional GPL decoder is installed here")
+    result = inspect_file(path)
+    assert isinstance(result, Skipped)
+    assert "12-bit samples" in result.reason and "fedhealth[jpeg-gpl]" in result.reason
+
+
+def test_a_corrupt_jpeg_lossless_file_is_skipped_not_fatal(tmp_path: Path) -> None:
     path = tmp_path / "jpeg_lossless.dcm"
     write_image(path, _gradient(), REFERENCE, _ids(1))
     ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1  # no decoder installed for it
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1  # decoded by python-gdcm
     ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8 not really a JPEG \xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.save_as(path)
-    reason = inspect_file(path).reason  # type: ignore[union-attr]
-    assert "no decoder installed" in reason and "pip install" in reason
+    result = inspect_file(path)
+    assert isinstance(result, Skipped) and "pixel data cannot be decoded" in result.reason
 
 
 def test_unknown_label_row_and_unlabeled_study_are_reported(site: Path) -> None:
@@ -97,8 +111,8 @@ def test_monochrome1_is_inverted(tmp_path: Path) -> None:
     write_image(tmp_path / "m1.dcm", picture, VENDORS[3], _ids(2))  # MONOCHROME1, 16 bit
     assert pydicom.dcmread(tmp_path / "m1.dcm").PhotometricInterpretation == "MONOCHROME1"
     transform = site_transforms(16)
-    out = {name: transform({"image": str(tmp_path / f"{name}.dcm"), "label": 0,
-                            "monochrome1": name == "m1"})["image"] for name in ("m1", "m2")}
+    out = {name: transform(datalist_item(str(tmp_path / f"{name}.dcm"), 0,
+                                         name == "m1"))["image"] for name in ("m1", "m2")}
     torch.testing.assert_close(out["m1"], out["m2"], atol=0.02, rtol=0)
     assert out["m2"][0, -1, -1] > 0.9  # dense stays bright
 
