@@ -22,7 +22,7 @@ from fedhealth.core.crypto.wire import LABELS_SPLIT_COLUMN, SPLITS
 from sites.data_limits import DataLimits
 from sites.dicom_files import SiteDataError, Skipped, scan_tree
 from sites.labels import Labeled, default_labels, join_labels, read_labels
-from sites.pipeline_config import IMAGE, LABEL, MASK, MONOCHROME1, pipeline_steps, site_reader
+from sites.pipeline_config import datalist_item, pipeline_steps, site_reader
 
 __all__ = ["SiteDataError", "SiteIndex", "SiteSplits", "index_site", "load_site",
            "site_transforms", "split_patients"]
@@ -124,23 +124,25 @@ def split_patients(patient_label: Mapping[str, int], seed: int,
 
 
 def site_transforms(image_size: int, task: str = "classification",
-                    limits: DataLimits = DataLimits()) -> Compose:
+                    limits: DataLimits = DataLimits(), in_channels: int = 1) -> Compose:
     """DICOM file -> normalised tensor, the steps of `sites.pipeline_config` (the very dicts an
     exported bundle's inference config holds) read by the site's reader, which refuses files
-    over `limits` before decoding. Deterministic, hence cacheable."""
+    over `limits` before decoding; `in_channels`: the model's (1: luminance, 3: RGB).
+    Deterministic, hence cacheable."""
     steps = pipeline_steps(image_size, site_reader(limits.max_image_bytes),
-                           masks=task == "segmentation")
+                           masks=task == "segmentation", in_channels=in_channels)
     return Compose(ConfigParser({"steps": steps}).get_parsed_content("steps"))
 
 
 def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 64, seed: int = 0,
               cache_dir: Path | None = None, task: str = "classification",
-              limits: DataLimits = DataLimits()) -> SiteSplits:
+              limits: DataLimits = DataLimits(), in_channels: int = 1) -> SiteSplits:
     """Index `data_dir` and build its cached train/val/test datasets.
 
     cache_dir: keep decoded tensors (MONAI PersistentDataset) and the scan's inspections on disk,
     so a restarted site decodes neither again; otherwise tensors are cached in memory.
     limits: the site's (its settings), the same the site check applies.
+    in_channels: the model's; a multi-frame file gives one item per frame (`DicomImage.frame`).
     """
     if task not in ("classification", "segmentation"):
         raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
@@ -158,12 +160,12 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
         raise SiteDataError(f"site folder {data_dir} has no usable labeled image "
                             f"({sum(reasons.values())} skipped: {dict(reasons.most_common(3))}); "
                             f"run `fedhealth site check {data_dir}` for details")
-    transform = site_transforms(image_size, task, limits)
+    transform = site_transforms(image_size, task, limits, in_channels)
 
     def dataset(split: str) -> Dataset:
         items = [_item(x, task) for x in images if index.split[x.image.patient_id] == split]
         if cache_dir is not None:
-            folder = cache_dir / f"{index.name}-{task}-{image_size}"
+            folder = cache_dir / f"{index.name}-{task}-{image_size}-{in_channels}ch"
             return PersistentDataset(items, transform, cache_dir=folder)
         return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
 
@@ -172,11 +174,8 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
 
 
 def _item(x: Labeled, task: str) -> dict[str, object]:
-    item: dict[str, object] = {IMAGE: str(x.image.path), LABEL: x.label,
-                               MONOCHROME1: x.image.monochrome1}
-    if task == "segmentation":
-        item[MASK] = str(x.mask)
-    return item
+    return datalist_item(str(x.image.path), x.label, x.image.monochrome1, x.image.frame,
+                         mask=str(x.mask) if task == "segmentation" else None)
 
 
 def class_counts(index: SiteIndex) -> dict[str, dict[str, int]]:
