@@ -16,6 +16,8 @@ from pathlib import Path
 from flwr.app import Error, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+REFUSAL_KIND = "app-refused"  # an instruction of an app the site did not approve, refused
+
 
 def message_footprint(content: RecordDict) -> tuple[int, str, dict[str, dict[str, object]]]:
     """(bytes on the wire, sha256 object id, per-record type and bytes) of `content`."""
@@ -45,11 +47,14 @@ class AuditLog:
 
     def record_error(self, run_id: int, server_round: int | None, kind: str, error: Error) -> dict:
         """Log one outgoing error reply (`round` is null when the instruction was unreadable)."""
-        reason = error.reason or ""
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": int(run_id),
-                 "round": server_round, "kind": kind, "bytes": len(reason.encode()),
-                 "error": {"code": int(error.code), "reason": reason}}
-        return self._append(entry)
+        return self._append(_error_entry(run_id, server_round, kind, error))
+
+    def record_refusal(self, run_id: int, kind: str, fab_hash: str, error: Error) -> dict:
+        """Log the error reply to an instruction (`kind`: train, evaluate, query) of an app the
+        site did not approve (sites.app_gate): kind `app-refused`, the app's sha256 (`app`)
+        and the reply's code and text. `round` is null: the gate does not read the instruction."""
+        entry = _error_entry(run_id, None, REFUSAL_KIND, error)
+        return self._append(entry | {"app": fab_hash, "instruction": kind})
 
     def record_pull(self, pull: dict[str, object]) -> dict:
         """Log one PACS pull (sites/pull.py says what it holds: counts, never patient data)."""
@@ -64,6 +69,12 @@ class AuditLog:
                  "training": training_id, "round": int(server_round),
                  "bundle": str(Path(bundle).resolve()), "files": dict(files)}
         return self._append(entry)
+
+    def record_privacy(self, run_id: int, server_round: int, privacy: dict[str, object]) -> dict:
+        """Log what a round's update cost in differential privacy, before it leaves: the site's
+        epsilon so far at its delta and the noise it added (sites.privacy_budget)."""
+        return self._append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": int(run_id),
+                             "round": int(server_round), "kind": "privacy", **privacy})
 
     def _append(self, entry: dict) -> dict:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,3 +91,10 @@ class AuditLog:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def _error_entry(run_id: int, server_round: int | None, kind: str, error: Error) -> dict:
+    reason = error.reason or ""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": int(run_id),
+            "round": server_round, "kind": kind, "bytes": len(reason.encode()),
+            "error": {"code": int(error.code), "reason": reason}}

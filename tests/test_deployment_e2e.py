@@ -1,15 +1,20 @@
 """A real federation on 127.0.0.1: `fedhealth federation start`, three `fedhealth site start`,
 `fedhealth federation run`, all as separate processes with TLS and SuperNode authentication.
 
-One encrypted 2-round run covers the main path and the dropout (a site is SIGKILLed as soon as it
-has written its round-1 evaluation, before the round-2 instruction can exist, so it can never
-take part in round 2 however fast it is); refusals of an unregistered key and of a client without
-the federation CA run against the same SuperLink. Ports come from conftest's `free_port`. Every
-coordinator-side Python process runs with an audit hook that records each `*.ctx` file it opens,
-so the test can show the ServerApp only ever read aggregator.ctx.
+Every site approves one release of the app (the checkout's app as Flower bundles it, unpacked
+into a folder of its own so edits to the checkout cannot change its hash) with `fedhealth site
+approve`. One encrypted 2-round run of it covers the main path and the dropout (a site is
+SIGKILLed as soon as it has written its round-1 evaluation, before the round-2 instruction can
+exist, so it can never take part in round 2 however fast it is); the same release with one line
+of its ClientApp changed is refused at every site before that line runs; refusals of an
+unregistered key and of a client without the federation CA run against the same SuperLink.
+Ports come from conftest's `free_port`. Every coordinator-side Python process runs with an audit
+hook that records each `*.ctx` file it opens, so the test can show the ServerApp only ever read
+aggregator.ctx.
 """
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -18,17 +23,22 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from flwr.common.constant import ErrorCode
 from sessions import alive_in_session
+from typer.testing import CliRunner
 
+from fedhealth.app.cli import app
 from fedhealth.app.deployment import pki
 from fedhealth.app.deployment.bundles import CoordinatorBundle, init_federation
-from fedhealth.app.flower_cli import executable, flower_env
+from fedhealth.app.flower_cli import default_app_dir, executable, flower_env
 from fedhealth.core.synth.federation import synthesize_federation
-from sites.audit import AuditLog
+from sites.app_approval import fab_bytes, fab_sha256
+from sites.audit import REFUSAL_KIND, AuditLog
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +98,20 @@ class Processes:
                  "every process the test started to be gone")
 
 
+def unpack_app(fab: bytes, folder: Path) -> Path:
+    """The app folder a FAB holds (without the manifest Flower adds when it builds one)."""
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        bundle.extractall(folder, [n for n in bundle.namelist() if not n.startswith(".info/")])
+    return folder
+
+
+def approve(app_dir: Path, config: Path) -> str:
+    """`fedhealth site approve APP --config site.toml`; the hash it printed."""
+    result = CliRunner().invoke(app, ["site", "approve", str(app_dir), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    return result.stdout.split()[0]
+
+
 def site_toml(bundle_dir: Path, data_dir: Path, runtime_port: int) -> Path:
     path = bundle_dir / "site.toml"
     text = path.read_text().replace('data-dir = ""', f'data-dir = "{data_dir}"')
@@ -102,6 +126,7 @@ class Federation:
         self.free_port = free_port
         self.coordinator = CoordinatorBundle.load(root / "fed" / "coordinator")
         self.ctx_log = root / "ctx-opens.log"
+        self.release = unpack_app(fab_bytes(default_app_dir()), root / "release" / "fedhealth")
 
     def site_dir(self, site: str) -> Path:
         return self.root / "fed" / site
@@ -131,6 +156,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory,
         for k, site in enumerate(SITES):
             config = site_toml(fed.site_dir(site), root / "data" / f"hospital-{k + 1}",
                                free_port())
+            assert approve(fed.release, config) == fab_sha256(fab_bytes(fed.release))
             processes.start(site, [*FEDHEALTH, "site", "start", "--config", str(config)])
         for site in SITES:
             wait_for(lambda site=site: "SuperNode ID" in fed.log(site), 120, f"site {site} to connect")
@@ -184,6 +210,51 @@ def test_client_without_the_federation_ca_cannot_connect(federation: Federation)
     assert "CERTIFICATE_VERIFY_FAILED" in federation.log("no-ca")
 
 
+def test_app_with_one_changed_line_is_refused_at_every_site_before_it_runs(
+        federation: Federation) -> None:
+    """The approved release with one line of its ClientApp module changed (to write a marker
+    file when it is imported) is refused by every site: the marker never appears, each site's
+    audit log names the refused hash, and the aggregator records each site's error reply."""
+    marker = federation.root / "changed-clientapp-ran"
+    changed = federation.root / "changed" / "fedhealth"
+    shutil.copytree(federation.release, changed)
+    client_app = changed / "sites" / "client_app.py"
+    source = client_app.read_text()
+    assert source.count("\napp = ClientApp()\n") == 1
+    client_app.write_text(source.replace(
+        "\napp = ClientApp()\n",
+        f"\napp = ClientApp(); __import__('pathlib').Path({str(marker)!r}).write_text('ran')\n"))
+    changed_hash = fab_sha256(fab_bytes(changed))
+    out_dir = federation.root / "changed-results"
+    federation.processes.start("changed-run", [
+        *FEDHEALTH, "federation", "run", "--dir", str(federation.coordinator.root),
+        "--app", str(changed), "--run-config",
+        f'num-server-rounds=1 min-sites=2 out-dir="{out_dir}"'])
+    federation.processes.started["changed-run"].wait(timeout=300)
+    output = federation.log("changed-run")
+
+    assert not marker.exists()
+    for site in SITES:
+        refusals = [e for e in AuditLog(federation.site_dir(site) / "audit.jsonl").entries()
+                    if e["kind"] == REFUSAL_KIND]
+        assert refusals, f"site {site} logged no refusal"
+        assert {e["app"] for e in refusals} == {changed_hash}
+        assert all(e["error"]["code"] == ErrorCode.INVALID_FAB and changed_hash in
+                   e["error"]["reason"] for e in refusals)
+    # Every reply was an error, so the strategy counted every site as failed at every step;
+    # with fewer than min-sites valid replies it keeps the previous global and the run goes on
+    # to its end, having trained nothing.
+    assert federation.processes.started["changed-run"].returncode == 0, output
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["train_by_round"] == {"1": {}} and results["per_site"] == {}
+    rejected = results["rejected"]
+    assert {(r["kind"], r["server_round"]) for r in rejected} == {
+        ("evaluate", 0), ("census", 1), ("evaluate", 1)}
+    assert sorted(re.fullmatch(rf"the site reported an error: site (\w+) refused app sha256 "
+                               rf"{changed_hash}: .*", r["reason"])[1] for r in rejected) == \
+        sorted(SITES * 3)
+
+
 def test_encrypted_run_survives_a_site_killed_after_round_1(federation: Federation) -> None:
     audit = {site: AuditLog(federation.site_dir(site) / "audit.jsonl") for site in SITES}
 
@@ -192,7 +263,8 @@ def test_encrypted_run_survives_a_site_killed_after_round_1(federation: Federati
                    for e in audit[site].entries())
 
     federation.processes.start("run", [*FEDHEALTH, "federation", "run", "--dir",
-                                       str(federation.coordinator.root), "--run-config",
+                                       str(federation.coordinator.root), "--app",
+                                       str(federation.release), "--run-config",
                                        "num-server-rounds=2 min-sites=2"])
     # SIGKILL (no goodbye to the SuperLink, like a crash or a power cut) the moment site c has
     # logged its round-1 evaluation: round 2's instruction needs that reply (or c's absence)

@@ -1,4 +1,4 @@
-"""The deployment commands: `federation init|start|run` and `site start`.
+"""The deployment commands: `federation init|start|run` and `site start|approve`.
 
 Each one checks everything it can before starting a long-lived process and exits with a
 message that names the file and the fix; a running process is stopped with its children.
@@ -8,6 +8,7 @@ when a command runs, so `fedhealth --help` stays instant.
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -32,25 +33,32 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _supervise(command: list[str], env: dict[str, str], name: str,
+def _supervise(commands: dict[str, list[str]], env: dict[str, str],
                after_start: Callable[[subprocess.Popen], None] | None = None,
                hint: str = "") -> None:
-    """Run `command` in the foreground; SIGINT/SIGTERM stop it (and its children) cleanly."""
-    process = subprocess.Popen(command, env=env)
+    """Run `commands` (name -> command line) together in the foreground until one exits, then
+    stop the others; SIGINT/SIGTERM stop them all (and their children) cleanly. `after_start`
+    gets the first one's process."""
+    processes = {name: subprocess.Popen(command, env=env) for name, command in commands.items()}
 
-    def stop(signum: int, _frame: object) -> None:
-        process.send_signal(signal.SIGTERM)
+    def stop_all() -> None:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_all())
+    signal.signal(signal.SIGINT, lambda _signum, _frame: stop_all())
     try:
         if after_start is not None:
-            after_start(process)
-        code = process.wait()
-    except BaseException:
-        process.terminate()
-        process.wait(timeout=30)
-        raise
+            after_start(next(iter(processes.values())))
+        while not (exited := {name: p.returncode for name, p in processes.items()
+                              if p.poll() is not None}):
+            time.sleep(0.2)
+    finally:
+        stop_all()
+        for process in processes.values():
+            process.wait(timeout=30)
+    name, code = next(iter(exited.items()))
     if code not in (0, -signal.SIGTERM):
         raise _fail(f"{name} exited with code {code}. {hint}".strip(), code=1)
 
@@ -108,8 +116,8 @@ def federation_start(
         console.print(f"[green]SuperLink ready[/green] at {bundle.superlink} "
                       f"(sites: {', '.join(bundle.sites)})")
 
-    _supervise(launch.superlink_command(bundle, bind), launch.coordinator_env(bundle),
-               "flower-superlink", register)
+    _supervise({"flower-superlink": launch.superlink_command(bundle, bind)},
+               launch.coordinator_env(bundle), register)
 
 
 def federation_run(
@@ -172,9 +180,12 @@ def site_start(
     config: Annotated[Path, typer.Option(help="The site's site.toml.")],
     max_wait: Annotated[float | None, typer.Option(
         help="Give up after this many seconds without reaching the SuperLink.")] = None,
+    allow_any_app: Annotated[bool, typer.Option(
+        help="DEVELOPMENT ONLY: run apps this site has not approved too.")] = False,
 ) -> None:
     """Check config, bring the data up to date with the PACS ([pacs] in site.toml), check the
-    data, then run this site's SuperNode (TLS + node authentication)."""
+    data, then run this site's SuperNode (TLS + node authentication) and its app gate: only
+    apps approved with `fedhealth site approve` ever run here."""
     from fedhealth.app.deployment import launch
     from fedhealth.app.deployment.site_config import SiteConfigError, load_site_config, preflight
 
@@ -189,8 +200,44 @@ def site_start(
         raise _fail(str(err)) from None
     console.print(f"site {site.name}: {report.images} images, {report.patients} patients, "
                   f"{len(report.skipped)} files skipped; connecting to {site.superlink}")
-    _supervise(launch.supernode_command(site, max_wait), launch.site_env(site),
-               "flower-supernode", hint=_SITE_HINT)
+    _announce_approvals(site.approved_apps, allow_any_app, config)
+    _supervise({"flower-supernode": launch.supernode_command(site, max_wait),
+                "app gate": launch.app_gate_command(site, allow_any_app)},
+               launch.site_env(site), hint=_SITE_HINT)
+
+
+def _announce_approvals(approved: frozenset[str], allow_any_app: bool, config: Path) -> None:
+    if allow_any_app:
+        console.print("[bold red]warning:[/bold red] --allow-any-app: this site will run ANY app "
+                      "the coordinator submits, reviewed or not, with access to its data and "
+                      "keys. Use it for development only.")
+    elif not approved:
+        console.print(f"[yellow]no app approved in {escape(str(config))} yet: every run is "
+                      "refused until `fedhealth site approve FAB_OR_DIR` adds one[/yellow]")
+    else:
+        console.print(f"{len(approved)} approved app(s); any other is refused before it runs")
+
+
+def site_approve(
+    app: Annotated[Path, typer.Argument(
+        help="The reviewed app: a .fab file (`flwr build` output) or its project folder, "
+             "built as `flwr build` and `flwr run` build it.")],
+    config: Annotated[Path, typer.Option(help="The site's site.toml.")] = Path("site.toml"),
+) -> None:
+    """Approve an app this site reviewed: print its FAB's sha256 and add it to the approved
+    apps in site.toml. A running site applies it from its next instruction."""
+    from sites.app_approval import FIELD, AppApprovalError, approve, fab_bytes, fab_sha256
+
+    if not config.is_file():
+        raise _fail(f"site config '{config}' does not exist; pass --config PATH/site.toml")
+    try:
+        fab_hash = fab_sha256(fab_bytes(app))
+        added = approve(config, fab_hash)
+    except AppApprovalError as err:
+        raise _fail(str(err)) from None
+    typer.echo(fab_hash)
+    console.print(f"{'approved' if added else 'already approved'}: {escape(str(app))} "
+                  f"({escape(FIELD)} in {escape(str(config))})")
 
 
 def _pull_from_pacs(site_toml: Path, data_dir: Path, labels: Path | None, audit_log: Path) -> None:

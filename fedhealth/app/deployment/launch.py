@@ -6,9 +6,11 @@ authentication always on. The `flwr` CLI is pointed at the coordinator's SuperLi
 private FLWR_HOME inside the coordinator folder, so a user's own ~/.flwr is never touched.
 """
 
+import os
 import re
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from fedhealth.app.flower_cli import (
 )
 
 CONNECTION = "fedhealth"
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API: for this machine's processes only
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
 
@@ -53,16 +56,31 @@ def superlink_command(bundle: CoordinatorBundle, bind_host: str = "0.0.0.0") -> 
 
 
 def supernode_command(config: SiteConfig, max_wait_seconds: float | None = None) -> list[str]:
-    """`flower-supernode` with TLS (the federation CA only) and node authentication."""
+    """`flower-supernode` with TLS (the federation CA only) and node authentication.
+
+    `--isolation process`: the SuperNode starts no ClientApp itself; `app_gate_command` is the
+    one process that does, for approved apps only. Its Runtime API listens on 127.0.0.1.
+    """
     command = [executable("flower-supernode"),
                "--superlink", config.superlink,
                "--root-certificates", str(config.ca_cert),
                "--auth-supernode-private-key", str(config.node_private_key),
-               "--port", str(config.runtime_port),
+               "--isolation", "process",
+               "--host", RUNTIME_HOST, "--port", str(config.runtime_port),
                "--node-config", config.node_config()]
     if max_wait_seconds is not None:
         command += ["--max-wait-time", str(max_wait_seconds)]
     return command
+
+
+def app_gate_command(config: SiteConfig, allow_any_app: bool = False) -> list[str]:
+    """The site's SuperExec (sites.app_gate): Flower's ClientApp process for approved apps only,
+    an error reply and an audit line for any other; it exits with `fedhealth site start`."""
+    command = [sys.executable, "-m", "sites.app_gate",
+               "--runtime-api-address", f"{RUNTIME_HOST}:{config.runtime_port}",
+               "--site-config", str(config.source), "--site-name", config.name,
+               "--audit-log", str(config.audit_log), "--parent-pid", str(os.getpid())]
+    return [*command, "--allow-any-app"] if allow_any_app else command
 
 
 def coordinator_env(bundle: CoordinatorBundle) -> dict[str, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from fedhealth.app.deployment import pki
 from fedhealth.app.deployment.bundles import DEFAULT_RUNTIME_PORT, BundleError, split_address
 from fedhealth.core.crypto.keys import KeyFileError, load_site_context
+from sites.app_approval import AppApprovalError, approved_in
 from sites.dataset import SiteDataError
 from sites.site_check import SiteReport, check_site
 from sites.site_settings import LIMIT_KEYS, SiteSettingsError, data_limits, metric_disclosure
@@ -36,6 +37,7 @@ class SiteConfig:
     key_file: Path
     runtime_port: int
     limits: dict[str, object] = field(default_factory=dict)  # [site] LIMIT_KEYS that are set
+    approved_apps: frozenset[str] = frozenset()  # sites.app_approval's field; read again per task
 
     def node_config(self) -> str:
         """Flower `--node-config` string: what the ClientApp reads from `context.node_config`."""
@@ -93,6 +95,10 @@ def load_site_config(path: Path) -> SiteConfig:
         data_limits(limits), metric_disclosure(limits)
     except SiteSettingsError as err:
         raise SiteConfigError(f"{path}: [site] {err}") from err
+    try:
+        approved = approved_in(table, path)
+    except AppApprovalError as err:
+        raise SiteConfigError(str(err)) from err
     return SiteConfig(
         source=path.resolve(),
         name=text("site", "name"),
@@ -106,6 +112,7 @@ def load_site_config(path: Path) -> SiteConfig:
         key_file=file("keys", "key-file"),  # one name: node config too
         runtime_port=runtime_port if isinstance(runtime_port, int) else DEFAULT_RUNTIME_PORT,
         limits=limits,
+        approved_apps=approved,
     )
 
 
