@@ -1,15 +1,16 @@
 """A site's DICOM folder as train/val/test MONAI datasets of decoded, cached tensors.
 
-Scan (sites.dicom_files) -> join labels (sites.labels) -> split by patient -> MONAI transforms,
-run once per image by a CacheDataset (or PersistentDataset, to survive restarts), so training epochs
-never decode DICOM again.
+Scan (sites.dicom_files) -> assemble series into volumes (sites.series_volume) -> join labels
+(sites.labels) -> split by patient -> MONAI transforms, run once per image or volume by a
+CacheDataset (or PersistentDataset, to survive restarts), so training epochs never decode DICOM
+again. A 2D model trains on the images, a 3D model on the volumes (sites.volume_pipeline).
 """
 
 import logging
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,18 @@ from torch.utils.data import Dataset
 from fedhealth.core.crypto.wire import LABELS_SPLIT_COLUMN, SPLITS
 from sites.data_limits import DataLimits
 from sites.dicom_files import SiteDataError, Skipped, scan_tree
-from sites.labels import Labeled, default_labels, join_labels, read_labels
+from sites.labels import (
+    Labeled,
+    LabeledVolume,
+    default_labels,
+    join_labels,
+    join_volume_labels,
+    read_labels,
+)
 from sites.pipeline_config import datalist_item, pipeline_steps, site_reader
+from sites.seg_masks import segmentations_by_series
+from sites.series_volume import find_volumes
+from sites.volume_pipeline import volume_item, volume_transforms
 
 __all__ = ["SiteDataError", "SiteIndex", "SiteSplits", "index_site", "load_site",
            "site_transforms", "split_patients"]
@@ -40,7 +51,9 @@ _DEAL = ("train", "val", "test", "train", "train")
 
 @dataclass(frozen=True)
 class SiteIndex:
-    """What a site holds before any pixel is transformed: labeled images with their split."""
+    """What a site holds before any pixel is transformed: labeled images and volumes with their
+    split. `skipped`: files (and labels rows) not used; `series_skipped`: series (or Enhanced
+    objects) that are not a usable volume, one entry each, their path the series' folder."""
 
     name: str
     files: int
@@ -48,9 +61,14 @@ class SiteIndex:
     split: dict[str, str]  # PatientID -> "train" | "val" | "test"
     skipped: list[Skipped]
     labels_file: Path | None
+    volumes: list[LabeledVolume] = field(default_factory=list)
+    series_skipped: list[Skipped] = field(default_factory=list)
 
     def in_split(self, split: str) -> list[Labeled]:
         return [x for x in self.images if self.split[x.image.patient_id] == split]
+
+    def volumes_in_split(self, split: str) -> list[LabeledVolume]:
+        return [x for x in self.volumes if self.split[x.volume.patient_id] == split]
 
 
 @dataclass
@@ -86,26 +104,36 @@ def index_site(data_dir: Path, *, labels: Path | None = None, seed: int = 0,
                      max_image_bytes=limits.max_image_bytes)
     if scan.files == 0:
         raise SiteDataError(f"site folder {data_dir} is empty: copy the site's DICOM export into it")
-    skipped = scan.skipped + skipped
+    found = find_volumes(scan.images, scan.skipped)
+    segmentations = segmentations_by_series(scan.skipped)
+    series_skipped = list(found.problems)
     if labels:
         images, unlabeled = join_labels(scan.images, rows, labels)
         skipped += unlabeled
+        volumes, unusable = join_volume_labels(found.volumes, rows, labels, segmentations)
+        series_skipped += unusable
     else:
         images = [Labeled(image, -1, None) for image in scan.images]
+        volumes = [LabeledVolume(v, -1, Path(segmentations[v.series_uid][0])
+                                 if v.series_uid in segmentations else None)
+                   for v in found.volumes]
+    # Enhanced objects only volumes use, and SEG objects that are masks, are used, not skipped
+    used = found.volume_only_files | {str(x.mask) for x in volumes if x.mask is not None}
+    skipped = [s for s in scan.skipped if s.path not in used] + skipped
     patient_label: dict[str, int] = {}
     fixed: dict[str, str] = {}
-    for x in images:
-        patient = x.image.patient_id
-        patient_label[patient] = max(x.label, patient_label.get(patient, -1))
-        if x.split is None:
+    for patient, label, split in ([(x.image.patient_id, x.label, x.split) for x in images]
+                                  + [(x.volume.patient_id, x.label, x.split) for x in volumes]):
+        patient_label[patient] = max(label, patient_label.get(patient, -1))
+        if split is None:
             continue
-        if fixed.setdefault(patient, x.split) != x.split:
+        if fixed.setdefault(patient, split) != split:
             raise SiteDataError(
                 f"labels file {labels}: patient {patient} has studies in both the {fixed[patient]} "
-                f"and the {x.split} split ({LABELS_SPLIT_COLUMN} column): one patient's images "
+                f"and the {split} split ({LABELS_SPLIT_COLUMN} column): one patient's images "
                 "share a split, or the test split sees training patients. Give them one")
     return SiteIndex(data_dir.name, scan.files, images, split_patients(patient_label, seed, fixed),
-                     skipped, labels)
+                     skipped, labels, volumes, series_skipped)
 
 
 def split_patients(patient_label: Mapping[str, int], seed: int,
@@ -136,12 +164,15 @@ def site_transforms(image_size: int, task: str = "classification",
 
 def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 64, seed: int = 0,
               cache_dir: Path | None = None, task: str = "classification",
+              volume_depth: int | None = None,
               limits: DataLimits = DataLimits(), in_channels: int = 1) -> SiteSplits:
     """Index `data_dir` and build its cached train/val/test datasets.
 
     cache_dir: keep decoded tensors (MONAI PersistentDataset) and the scan's inspections on disk,
     so a restarted site decodes neither again; otherwise tensors are cached in memory.
     limits: the site's (its settings), the same the site check applies.
+    volume_depth: for a 3D model: its items are the site's volumes, resized to image_size x
+        image_size x volume_depth; None (2D): its items are the images.
     in_channels: the model's; a multi-frame file gives one item per frame (`DicomImage.frame`).
     """
     if task not in ("classification", "segmentation"):
@@ -149,6 +180,8 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
     remember = cache_dir / f"{data_dir.name}-scan.json" if cache_dir is not None else None
     index = index_site(data_dir, labels=labels, seed=seed, remember=remember,
                        limits=limits)
+    if volume_depth is not None:
+        return _volume_splits(index, (image_size, volume_depth), task, cache_dir, limits)
     skipped = list(index.skipped)
     images = index.images
     if task == "segmentation":  # masks were checked against their images when labels were joined
@@ -176,6 +209,36 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
 def _item(x: Labeled, task: str) -> dict[str, object]:
     return datalist_item(str(x.image.path), x.label, x.image.monochrome1, x.image.frame,
                          mask=str(x.mask) if task == "segmentation" else None)
+
+
+def _volume_splits(index: SiteIndex, grid: tuple[int, int], task: str, cache_dir: Path | None,
+                   limits: DataLimits) -> SiteSplits:
+    """A 3D model's datasets: the site's labeled volumes (with masks, for segmentation)."""
+    skipped = [*index.skipped, *index.series_skipped]
+    volumes = index.volumes
+    if task == "segmentation":
+        skipped += [Skipped(x.volume.files[0], f"series {x.volume.series_uid}: no mask for "
+                                               "segmentation (no mask cell and no DICOM SEG "
+                                               "referencing it)")
+                    for x in volumes if x.mask is None]
+        volumes = [x for x in volumes if x.mask is not None]
+    if not volumes:
+        raise SiteDataError(f"site folder {index.name} has no usable labeled volume (a CT/MR "
+                            f"series or Enhanced object; {len(index.series_skipped)} series "
+                            "skipped): run `fedhealth site check` on it for details")
+    transform = volume_transforms(grid[0], grid[1], masks=task == "segmentation",
+                                  limits=limits)
+    usable = set(volumes)
+
+    def dataset(split: str) -> Dataset:
+        items = [volume_item(x, task) for x in index.volumes_in_split(split) if x in usable]
+        if cache_dir is not None:
+            folder = cache_dir / f"{index.name}-{task}-3d-{grid[0]}x{grid[1]}"
+            return PersistentDataset(items, transform, cache_dir=folder)
+        return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
+
+    return SiteSplits(index.name, train=dataset("train"), val=dataset("val"), test=dataset("test"),
+                      num_classes=limits.num_classes, skipped=skipped)
 
 
 def class_counts(index: SiteIndex) -> dict[str, dict[str, int]]:
