@@ -31,6 +31,7 @@ from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.superexec.executor import ExecutionSpec, SubprocessExecutor
@@ -64,9 +65,10 @@ class AppGate:
         self.client = self._client()
 
     def _client(self, token: str | None = None) -> RuntimeHttpClient:
-        interceptors = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
+        interceptors: list[ProtobufClientInterceptor] = [
+            RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
         if token is not None:
-            interceptors.append(RuntimeTokenHttpInterceptor(token))  # type: ignore[arg-type]
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
