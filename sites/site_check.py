@@ -6,7 +6,7 @@ The JSON fields are a stable interface, documented in the README's "Site data" s
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -23,8 +23,13 @@ if TYPE_CHECKING:  # the pipeline imports torch and MONAI: only load it when a c
 
 @dataclass(frozen=True)
 class SiteReport:
-    """One site's inventory. `images` counts usable images: decodable and, when a labels file
-    exists, labeled. `labels` is {split: {class: images}}, empty without a labels file."""
+    """One site's inventory. `images` counts usable 2D images: decodable and, when a labels file
+    exists, labeled; the frames of an Enhanced multi-frame object that assembles into a volume
+    are not images. `volumes` counts usable assembled volumes (series of positioned slices,
+    Enhanced CT/MR objects; labeled, when a labels file exists), `series` the distinct
+    SeriesInstanceUIDs among usable images and volumes, `segmentations` the DICOM SEG objects
+    used as volume masks. `series_skipped` lists every series that is not a usable volume, why.
+    `labels` is {split: {class: images}}, empty without a labels file."""
 
     site: str
     path: str
@@ -37,6 +42,10 @@ class SiteReport:
     manufacturers: dict[str, int]
     labels: dict[str, dict[str, int]]
     skipped: list[dict[str, str]]
+    series: int = 0
+    volumes: int = 0
+    segmentations: int = 0
+    series_skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -60,23 +69,31 @@ def check_site(data_dir: Path, labels: Path | None = None, seed: int = 0,
 def _report(data_dir: Path, index: "SiteIndex") -> SiteReport:
     from sites.dataset import class_counts
 
-    images = [x.image for x in index.images]
+    in_volumes = {f for x in index.volumes if x.volume.enhanced for f in x.volume.files}
+    images = [x.image for x in index.images if str(x.image.path) not in in_volumes]
+    volumes = [x.volume for x in index.volumes]
     return SiteReport(
         site=index.name, path=str(data_dir),
         labels_file=str(index.labels_file) if index.labels_file else None,
         files=index.files, images=len(images),
-        patients=len({i.patient_id for i in images}), studies=len({i.study_uid for i in images}),
+        patients=len({i.patient_id for i in [*images, *volumes]}),
+        studies=len({i.study_uid for i in [*images, *volumes]}),
         modalities=dict(Counter(i.modality for i in images).most_common()),
         manufacturers=dict(Counter(i.manufacturer for i in images).most_common()),
         labels=class_counts(index) if index.labels_file else {},
         skipped=[asdict(s) for s in index.skipped],
+        series=len({i.series_uid for i in images} | {v.series_uid for v in volumes}),
+        volumes=len(volumes),
+        segmentations=len({str(x.mask) for x in index.volumes
+                           if x.mask is not None and x.mask.suffix != ".npy"}),
+        series_skipped=[asdict(s) for s in index.series_skipped],
     )
 
 
 def summary_table(reports: Sequence[SiteReport]) -> Table:
     """One row per site: the numbers a coordinator compares across hospitals."""
     table = Table(title="site check")
-    for column in ("site", "images", "patients", "studies", "train", "val", "test"):
+    for column in ("site", "images", "volumes", "patients", "studies", "train", "val", "test"):
         table.add_column(column, justify="left" if column == "site" else "right",
                          no_wrap=column == "site")
     table.add_column("vendor")
@@ -84,16 +101,20 @@ def summary_table(reports: Sequence[SiteReport]) -> Table:
     for r in reports:
         per_class = [" ".join(f"{c}:{n}" for c, n in r.labels[s].items()) or "-"
                      for s in ("train", "val", "test")] if r.labels else ["no labels"] + [""] * 2
-        table.add_row(r.site, str(r.images), str(r.patients), str(r.studies), *per_class,
+        table.add_row(r.site, str(r.images), str(r.volumes), str(r.patients), str(r.studies),
+                      *per_class,
                       f"{_counts(r.modalities)}; {_counts(r.manufacturers)}", str(len(r.skipped)))
     return table
 
 
-def skipped_table(report: SiteReport) -> Table:
-    table = Table(title=f"{report.site}: {len(report.skipped)} skipped of {report.files} files")
+def skipped_table(report: SiteReport, series: bool = False) -> Table:
+    """The skipped files, or (`series`) the series that are not a usable volume."""
+    entries = report.series_skipped if series else report.skipped
+    table = Table(title=f"{report.site}: {len(entries)} series not usable as volumes" if series
+                  else f"{report.site}: {len(entries)} skipped of {report.files} files")
     table.add_column("path", overflow="fold")
     table.add_column("reason", overflow="fold")
-    for s in report.skipped:
+    for s in entries:
         table.add_row(_relative(s["path"], report.path), s["reason"])
     return table
 
@@ -131,6 +152,8 @@ def check_command(
     console.print(summary_table([report]))
     if report.skipped:
         console.print(skipped_table(report))
+    if report.series_skipped:
+        console.print(skipped_table(report, series=True))
 
 
 def _counts(counts: dict[str, int]) -> str:
