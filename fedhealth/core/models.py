@@ -1,7 +1,11 @@
 """The model zoo: MONAI networks every site builds identically from the run's seed.
 
 Round 1 starts from `build_model(name, seed=run_seed)` at every site, so the aggregator never needs a
-plaintext model and no weights are ever downloaded. All models take one 2D channel.
+plaintext model and no weights are ever downloaded. All models take one channel; the `-3d` entries
+are the same MONAI networks with `spatial_dims=3`, trained on a site's volumes (a CT/MR series or
+an Enhanced object, see sites.series_volume) instead of its images. Nothing else differs: the
+encrypted layout is whatever the state dict is, and every personalization policy partitions it
+(FedBN keeps BatchNorm3d local as it keeps BatchNorm2d).
 """
 
 from collections import OrderedDict
@@ -12,7 +16,7 @@ from typing import Literal
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Norm
-from monai.networks.nets import DenseNet121, UNet
+from monai.networks.nets import DenseNet121, SegResNet, UNet
 from torch import nn
 
 Task = Literal["classification", "segmentation"]
@@ -24,22 +28,32 @@ class ModelSpec:
 
     build: Callable[[int], torch.nn.Module]  # num_classes -> module
     task: Task
+    spatial_dims: int = 2  # 3: the model takes volumes (channel, rows, columns, slices)
 
 
-def _tiny(num_classes: int) -> torch.nn.Module:
+def _tiny(num_classes: int, spatial_dims: int = 2, widths: tuple[int, ...] = (16, 32, 64)
+          ) -> torch.nn.Module:
     # Three MONAI conv blocks (conv, BatchNorm, ReLU, then 2x max pooling) and a max-pooled head
     # named like DenseNet's (`class_layers.out`), so FedBN and FedPer mean the same thing. A finding
     # is small and can be anywhere: max pooling keeps its signal where averaging dilutes it.
-    blocks = [(Convolution(2, i, o, kernel_size=3, act="relu", norm=Norm.BATCH), nn.MaxPool2d(2))
-              for i, o in ((1, 16), (16, 32), (32, 64))]
-    head = nn.Sequential(OrderedDict(pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(),
-                                     out=nn.Linear(64, num_classes)))
+    pool, global_pool = ((nn.MaxPool2d, nn.AdaptiveMaxPool2d) if spatial_dims == 2
+                         else (nn.MaxPool3d, nn.AdaptiveMaxPool3d))
+    blocks = [(Convolution(spatial_dims, i, o, kernel_size=3, act="relu", norm=Norm.BATCH),
+               pool(2)) for i, o in zip((1, *widths[:-1]), widths)]
+    head = nn.Sequential(OrderedDict(pool=global_pool(1), flatten=nn.Flatten(),
+                                     out=nn.Linear(widths[-1], num_classes)))
     return nn.Sequential(OrderedDict(features=nn.Sequential(*(m for b in blocks for m in b)),
                                      class_layers=head))
 
 
-def _densenet121(num_classes: int) -> torch.nn.Module:
-    return DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_classes)
+def _tiny3d(num_classes: int) -> torch.nn.Module:
+    # Narrower than the 2D one: a 32^3 volume has 8 times the pixels of a 64^2 image, and 8/16/32
+    # channels keep a CPU round at seconds and the encrypted reply small.
+    return _tiny(num_classes, spatial_dims=3, widths=(8, 16, 32))
+
+
+def _densenet121(num_classes: int, spatial_dims: int = 2) -> torch.nn.Module:
+    return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=num_classes)
 
 
 def _unet(num_classes: int) -> torch.nn.Module:
@@ -48,10 +62,20 @@ def _unet(num_classes: int) -> torch.nn.Module:
                 strides=(2, 2, 2), num_res_units=2, norm=Norm.BATCH)
 
 
+def _segresnet3d(num_classes: int) -> torch.nn.Module:
+    # MONAI's SegResNet (as in its BraTS tutorials) at a CPU width, with BatchNorm for FedBN.
+    return SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=num_classes,
+                     blocks_down=(1, 2, 2), blocks_up=(1, 1), norm="BATCH")
+
+
 ZOO: dict[str, ModelSpec] = {
     "densenet121": ModelSpec(_densenet121, "classification"),
     "tiny": ModelSpec(_tiny, "classification"),
     "unet": ModelSpec(_unet, "segmentation"),
+    "tiny-3d": ModelSpec(_tiny3d, "classification", spatial_dims=3),
+    "densenet121-3d": ModelSpec(lambda n: _densenet121(n, spatial_dims=3), "classification",
+                                spatial_dims=3),
+    "segresnet-3d": ModelSpec(_segresnet3d, "segmentation", spatial_dims=3),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(ZOO)
 
