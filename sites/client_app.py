@@ -28,7 +28,7 @@ from fedhealth.core.models import build_model, model_spec
 from fedhealth.core.personalization import get_policy
 from sites.audit import AuditLog
 from sites.data_limits import DataLimits
-from sites.dataset import SiteSplits, load_site
+from sites.dataset import SiteSplits, load_site, volume_depth_of
 from sites.exchange import Exchange, census_reply, read_exchange, read_run_config
 from sites.failure import record_failure
 from sites.personal_store import PersonalStore
@@ -41,15 +41,17 @@ app = ClientApp()
 
 @lru_cache(maxsize=8)
 def _site_data(data_dir: Path, labels: Path | None, image_size: int, seed: int,
-               cache_dir: Path, task: str, limits: DataLimits) -> SiteSplits:
+               cache_dir: Path, task: str, limits: DataLimits,
+               volume_depth: int | None) -> SiteSplits:
     return load_site(data_dir, labels=labels, image_size=image_size, seed=seed,
-                     cache_dir=cache_dir, task=task, limits=limits)
+                     cache_dir=cache_dir, task=task, limits=limits, volume_depth=volume_depth)
 
 
 def site_data(site: SiteSettings, config: RunConfig) -> SiteSplits:
     """Index and decode a site's DICOM once per process; decoded tensors also persist on disk."""
     return _site_data(site.data_dir, site.labels, config.image_size, config.seed,
-                      site.state_dir / "cache", model_spec(config.model).task, site.limits)
+                      site.state_dir / "cache", model_spec(config.model).task, site.limits,
+                      volume_depth_of(config))
 
 
 @lru_cache(maxsize=8)

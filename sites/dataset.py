@@ -19,7 +19,9 @@ from monai.data import CacheDataset, PersistentDataset
 from monai.transforms import Compose
 from torch.utils.data import Dataset
 
+from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto.wire import LABELS_SPLIT_COLUMN, SPLITS
+from fedhealth.core.models import model_spec
 from sites.data_limits import DataLimits
 from sites.dicom_files import SiteDataError, Skipped, scan_tree
 from sites.labels import (
@@ -239,6 +241,11 @@ def _volume_splits(index: SiteIndex, grid: tuple[int, int], task: str, cache_dir
 
     return SiteSplits(index.name, train=dataset("train"), val=dataset("val"), test=dataset("test"),
                       num_classes=limits.num_classes, skipped=skipped)
+
+
+def volume_depth_of(config: RunConfig) -> int | None:
+    """`load_site`'s volume_depth for the run's model: the run's for a 3D model, None for 2D."""
+    return config.volume_depth if model_spec(config.model).spatial_dims == 3 else None
 
 
 def class_counts(index: SiteIndex) -> dict[str, dict[str, int]]:
