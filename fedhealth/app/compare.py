@@ -28,7 +28,7 @@ from fedhealth.core.crypto.signing import public_key_path
 from fedhealth.core.models import model_spec
 from fedhealth.core.personalization import POLICY_NAMES
 from fedhealth.core.run_history import EVALUATION_METRICS, mean_metrics, write_json_atomically
-from sites.dataset import SiteSplits, load_site
+from sites.dataset import SiteSplits, load_site, volume_depth_of
 from sites.site_settings import simulated_site_dirs
 from sites.training import TrainSettings, score_on_site, train_centrally
 
@@ -111,6 +111,7 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
                     on_run(f"{name} (seed {seed})")
                     sites = [load_site(d, image_size=config.image_size, seed=seed,
                                        task=model_spec(config.model).task,
+                                       volume_depth=volume_depth_of(config),
                                        cache_dir=work / STATE_FOLDER / d.name / "cache")
                              for d in site_dirs]
                     runs.append({**run_baseline(name, sites, config), "seed": seed})
