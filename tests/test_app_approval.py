@@ -1,16 +1,42 @@
-"""`fedhealth site approve` and the approved list in site.toml (sites.app_approval).
+"""`fedhealth site approve`, the approved list in site.toml (sites.app_approval) and the gate
+that enforces it (sites.app_gate).
 
 The hash approved from a folder must be the one Flower computes for what `flwr build` (and so
 `flwr run`) makes of that folder; the list must survive being edited around hospital IT's
 comments; a malformed list stops `site start` by name, and the gate treats an unreadable one as
-approving nothing. The gate's refusal itself runs end to end in tests/test_deployment_e2e.py.
+approving nothing. The gate runs against a real SuperNode Runtime API (Flower's own FastAPI app
+and NodeState, served on 127.0.0.1) holding one task of a tiny app whose ClientApp module writes
+a marker file when imported: approved, Flower's `flwr-clientapp` runs it and replies; not
+approved, the reply is Flower's INVALID_FAB error naming the hash, the task ends failed, the
+audit log has the refusal, and the marker never appears. The whole federation is in
+tests/test_deployment_e2e.py.
 """
 
+import dataclasses
 import hashlib
+import os
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+    no_object_id_recompute,
+)
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supernode.main import create_app
+from flwr.supernode.nodestate import NodeState, NodeStateFactory
 from typer.testing import CliRunner
 
 from fedhealth.app.cli import app
@@ -19,6 +45,7 @@ from fedhealth.app.deployment.site_config import SiteConfigError, load_site_conf
 from fedhealth.app.flower_cli import executable
 from sites.app_approval import AppApprovalError, approve, approved_apps, fab_bytes, fab_sha256
 from sites.app_gate import AppGate
+from sites.audit import REFUSAL_KIND, AuditLog
 
 PYPROJECT = '''[project]
 name = "tinyapp"
@@ -32,6 +59,20 @@ publisher = "tests"
 serverapp = "tinyapp.server:app"
 clientapp = "tinyapp.client:app"
 '''
+CLIENT = '''from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+Path("{marker}").write_text("ran")
+app = ClientApp()
+
+
+@app.train()
+def train(message, context):
+    return Message(RecordDict({{"answer": ConfigRecord({{"ran": 1}})}}), reply_to=message)
+'''
+NODE_ID, RUN_ID = 5, 7
 
 
 @pytest.fixture()
@@ -40,7 +81,7 @@ def tiny_app(tmp_path: Path) -> Path:
     (folder / "tinyapp").mkdir(parents=True)
     (folder / "pyproject.toml").write_text(PYPROJECT)
     (folder / "tinyapp" / "__init__.py").write_text("")
-    (folder / "tinyapp" / "client.py").write_text("app = None\n")
+    (folder / "tinyapp" / "client.py").write_text(CLIENT.format(marker=tmp_path / "ran"))
     (folder / "tinyapp" / "server.py").write_text("app = None\n")
     return folder
 
@@ -64,7 +105,8 @@ def test_folder_is_hashed_as_flwr_build_bundles_it(tiny_app: Path, tmp_path: Pat
     assert fab_sha256(fab_bytes(tiny_app)) == fab_sha256(fab_bytes(fab)) == built_hash
     assert built_hash[:8] in fab.name  # Flower names the file after the same hash
 
-    (tiny_app / "tinyapp" / "client.py").write_text("app = None  # one changed line\n")
+    client = tiny_app / "tinyapp" / "client.py"
+    client.write_text(client.read_text().replace("app = ClientApp()", "app = ClientApp()  # !"))
     assert fab_sha256(fab_bytes(tiny_app)) != built_hash
 
 
@@ -114,3 +156,118 @@ def test_gate_approves_nothing_while_site_toml_is_unreadable(config: Path, tmp_p
     assert gate.approved() == frozenset()
     config.unlink()
     assert gate.approved() == frozenset()
+
+
+@dataclasses.dataclass
+class SuperNode:
+    """Flower's SuperNode Runtime API on 127.0.0.1 over its own NodeState."""
+
+    state: NodeState
+    address: str
+    task_id: int = 0
+
+    def add_task(self, fab: bytes) -> None:
+        """What the SuperNode does when an instruction of a new run arrives: store the FAB, the
+        run and its context, create the ClientApp task, store the message and its objects."""
+        fab_hash = fab_sha256(fab)
+        run = dataclasses.replace(Run.create_empty(RUN_ID), fab_id="tests/tinyapp",
+                                  fab_version="1.0.0", fab_hash=fab_hash)
+        self.state.store_fab(Fab(fab_hash, fab, {}))
+        self.state.store_run(run)
+        self.state.set_run_series_context(run.series_id, Context(
+            run_id=RUN_ID, node_id=NODE_ID, node_config={}, state=RecordDict(), run_config={}))
+        self.task_id = self.state.create_task(task_type=TaskType.CLIENT_APP, run_id=RUN_ID,
+                                              fab_hash=fab_hash) or 0
+        message = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                          metadata=Metadata(run_id=RUN_ID, message_id="", src_node_id=1,
+                                            dst_node_id=NODE_ID, reply_to_message_id="",
+                                            group_id="", created_at=time.time(), ttl=600,
+                                            message_type="train"))
+        store = self.state.object_store
+        with no_object_id_recompute():
+            message.metadata.__dict__["_message_id"] = message.object_id
+            self.state.store_message(message)
+            store.preregister(RUN_ID, get_object_tree(message))
+            for object_id, obj in get_all_nested_objects(message).items():
+                store.put(object_id, obj.deflate())
+
+    def reply(self, timeout: float = 90) -> Message:
+        deadline = time.monotonic() + timeout
+        while not (replies := self.state.get_messages_legacy(is_reply=True)):
+            assert time.monotonic() < deadline, "no reply to the task's instruction"
+            time.sleep(0.2)
+        return replies[0]
+
+    def task_status(self) -> tuple[str, str]:
+        (task,) = self.state.get_tasks(task_ids=[self.task_id])
+        return task.status.status, task.status.sub_status
+
+
+@pytest.fixture()
+def supernode(free_port: Callable[[], int], tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[SuperNode]:
+    # Flower's executor starts flwr-clientapp by name; it installs the app under FLWR_HOME
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent),
+                                                os.environ.get("PATH", "")]))
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+    state = factory.state()
+    state.set_node_id(NODE_ID)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state_factory=factory), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the Runtime API did not start"
+        time.sleep(0.05)
+    try:
+        yield SuperNode(state, f"127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_gate_refuses_an_unapproved_app_before_any_of_its_code_runs(
+        supernode: SuperNode, tiny_app: Path, config: Path, tmp_path: Path) -> None:
+    fab = fab_bytes(tiny_app)
+    approve(config, "ab" * 32)  # another app
+    supernode.add_task(fab)
+    gate = AppGate(supernode.address, config, "a", tmp_path / "audit.jsonl")
+    assert gate.poll_once()
+
+    reply = supernode.reply()
+    assert reply.has_error() and reply.error.code == ErrorCode.INVALID_FAB
+    assert f"site a refused app sha256 {fab_sha256(fab)}" in reply.error.reason
+    assert supernode.task_status() == ("finished", "failed")
+    (entry,) = AuditLog(tmp_path / "audit.jsonl").entries()
+    assert (entry["kind"], entry["app"], entry["run"], entry["instruction"]) == (
+        REFUSAL_KIND, fab_sha256(fab), RUN_ID, "train")
+    assert entry["error"]["reason"] == reply.error.reason
+    assert not gate.poll_once()  # the task is done and nothing else is pending
+    time.sleep(2)  # time enough for a stray process to have imported the app
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "flwr-home").exists()
+
+
+@pytest.mark.parametrize("approved", [True, False], ids=["approved", "allow-any-app"])
+def test_gate_hands_an_approved_app_to_flowers_clientapp(
+        supernode: SuperNode, tiny_app: Path, config: Path, tmp_path: Path,
+        approved: bool) -> None:
+    """Approved (or any app, with --allow-any-app): Flower's flwr-clientapp runs it unchanged,
+    which is also what shows the marker would appear if the app's code ran."""
+    fab = fab_bytes(tiny_app)
+    if approved:
+        approve(config, fab_sha256(fab))
+    supernode.add_task(fab)
+    gate = AppGate(supernode.address, config, "a", tmp_path / "audit.jsonl",
+                   allow_any_app=not approved)
+    assert gate.poll_once()
+
+    reply = supernode.reply()
+    assert not reply.has_error(), reply.error
+    deadline = time.monotonic() + 60
+    while supernode.task_status()[0] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert supernode.task_status() == ("finished", "completed")
+    assert (tmp_path / "ran").read_text() == "ran"
+    assert AuditLog(tmp_path / "audit.jsonl").entries() == []
