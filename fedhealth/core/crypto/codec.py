@@ -34,7 +34,8 @@ parallel call's ciphertexts decrypt to is what a serial call's decrypt to, bit f
 import hashlib
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import numpy as np
 import tenseal as ts
@@ -45,8 +46,11 @@ from fedhealth.core import fixed_point
 from fedhealth.core.crypto import packed_digits
 from fedhealth.core.crypto.chunk_pool import (
     MIN_PARALLEL_CIPHERTEXTS,
+    Region,
+    SharedFile,
     default_workers,
-    map_ranges,
+    here_and_away,
+    parallel_available,
     split,
 )
 from fedhealth.core.crypto.keys import SiteKey
@@ -63,6 +67,9 @@ with the square root of the number of sites. A change to the sum that moves the 
 ciphertext by less than this would go unnoticed (and is then that small)."""
 CHECK_SCALE_BITS = 40
 """Check values are encrypted at 2^CHECK_SCALE_BITS in effect, whatever the preset's scale."""
+SEED_STRIDE = 97
+"""Stochastic rounding's seed hashes every 97th value (with the round and weight): the same
+update rounds the same way every time, two sites' updates differently, at ~1% of a full hash."""
 
 
 class IntegrityError(ValueError):
@@ -275,11 +282,58 @@ def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: floa
     vector = layout.flatten(tensors)
     _check_headroom(key.preset, layout, vector, weight, weight_sum_bound)
     packing = Packing.of(len(vector), key.preset)
-    seed = zlib.crc32(vector.tobytes(), zlib.crc32(repr((binding, weight)).encode()))
+    seed = zlib.crc32(vector[::SEED_STRIDE].tobytes(), zlib.crc32(repr((binding, weight)).encode()))
     jobs = [_EncodeJob(vector[packing.params_of(r, len(vector))], r, weight, binding, seed)
             for r in _ranges(packing.ciphertexts, workers)]
-    return ciphertexts_to_record([b for part in map_ranges(_encode, key, jobs, _workers(workers))
-                                  for b in part])
+    return ciphertexts_to_record(_encode_all(key, jobs))
+
+
+@dataclass(frozen=True)
+class _EncodeAway:
+    """An `_EncodeJob` for a worker process: its values and ciphertexts in shared memory."""
+
+    job: _EncodeJob  # its values left empty
+    values: Region
+    out: Region  # ciphertext i at i * stride
+
+
+def _encode_away(key: SiteKey, away: _EncodeAway) -> list[int]:
+    """In a worker: `_encode`, written into `away.out`; returns the ciphertexts' lengths."""
+    blobs = _encode(key, replace(away.job, values=away.values.array(np.float64)))
+    out = away.out.array(np.uint8)
+    stride = len(out) // len(blobs)
+    for i, blob in enumerate(blobs):
+        if len(blob) > stride:
+            raise ValueError(f"a ciphertext of {len(blob)} bytes exceeds the {stride} reserved")
+        out[i * stride:i * stride + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+    return [len(blob) for blob in blobs]
+
+
+def _encode_all(key: SiteKey, jobs: list[_EncodeJob]) -> list[bytes]:
+    """Every job's ciphertexts in order: the first job here, the others in worker processes."""
+    if len(jobs) == 1:
+        return _encode(key, jobs[0])
+    stride = _ciphertext_bytes(key.preset)
+    sizes = [(job.values.nbytes, len(job.ciphertexts) * stride) for job in jobs[1:]]
+    with SharedFile(sum(a + b for a, b in sizes)) as shared:
+        away, offset = [], 0
+        for job, (value_bytes, out_bytes) in zip(jobs[1:], sizes, strict=True):
+            shared.array(offset, value_bytes, np.float64)[:] = job.values
+            away.append(_EncodeAway(replace(job, values=np.zeros(0)),
+                                    shared.region(offset, value_bytes),
+                                    shared.region(offset + value_bytes, out_bytes)))
+            offset += value_bytes + out_bytes
+        blobs, lengths = here_and_away(key, _encode, jobs[0], _encode_away, away)
+        for part, sent in zip(away, lengths, strict=True):
+            out = shared.array(part.out.offset, part.out.nbytes, np.uint8)
+            blobs += [out[i * stride:i * stride + n].tobytes() for i, n in enumerate(sent)]
+    return blobs
+
+
+def _ciphertext_bytes(preset: CkksPreset) -> int:
+    """An upper bound on one serialized ciphertext: 2 polynomials of 8-byte coefficients per data
+    prime, plus SEAL's and TenSEAL's framing."""
+    return 2 * preset.poly_modulus_degree * (len(preset.coeff_mod_bit_sizes) - 1) * 8 + 4096
 
 
 def _check_headroom(preset: CkksPreset, layout: TensorLayout, vector: np.ndarray, weight: float,
@@ -303,17 +357,19 @@ def _check_headroom(preset: CkksPreset, layout: TensorLayout, vector: np.ndarray
 
 @dataclass(frozen=True)
 class _DecodeJob:
-    """A range of a global's ciphertexts, holding `params` of its parameters."""
+    """A range of a global's ciphertexts, holding `params` of its parameters, summed with weight
+    sum s = `weight_sum`."""
 
     blobs: list[bytes]
     params: int
+    weight_sum: float
 
 
 @dataclass(frozen=True)
 class _Decoded:
     """One range, decrypted and rounded to its grid: what `decrypt_global` checks and joins."""
 
-    sums: np.ndarray  # grid sums (float64), or integer counts of the quantizer's step
+    mean: np.ndarray  # the exact sum on the grid / s, float64
     reserved: np.ndarray
     distance: fixed_point.GridDistance
     carried: int  # reals whose sum left its digits
@@ -326,11 +382,52 @@ def _decode(key: SiteKey, job: _DecodeJob) -> _Decoded:
     reserved = reserved / check_gain(preset)
     if preset.quantization is None:
         sums, distance = fixed_point.nearest(reals)
-        return _Decoded(sums, reserved, distance, 0)
+        return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, 0)
     integers, distance = fixed_point.nearest(reals, grid_bits=0)
     counts, carried = packed_digits.unpack(integers, preset.quantization.digit_bits,
                                            preset.digits_per_real, job.params)
-    return _Decoded(counts, reserved, distance, carried)
+    sums = np.ldexp(counts.astype(np.float64), -preset.quantization.fraction_bits)  # exact
+    return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, carried)
+
+
+@dataclass(frozen=True)
+class _DecodeAway:
+    """A `_DecodeJob` for a worker process: its ciphertexts and mean in shared memory."""
+
+    job: _DecodeJob  # its blobs left empty
+    blobs: Region  # the ciphertexts back to back
+    lengths: tuple[int, ...]
+    mean: Region
+
+
+def _decode_away(key: SiteKey, away: _DecodeAway) -> _Decoded:
+    """In a worker: `_decode`, its mean written into `away.mean` (and left out of the result)."""
+    data = away.blobs.array(np.uint8)
+    starts = np.cumsum((0, *away.lengths))
+    decoded = _decode(key, replace(away.job, blobs=[
+        data[a:b].tobytes() for a, b in pairwise(starts)]))
+    away.mean.array(np.float64)[:] = decoded.mean
+    return replace(decoded, mean=np.zeros(0))
+
+
+def _decode_all(key: SiteKey, jobs: list[_DecodeJob]) -> list[_Decoded]:
+    """Every job decoded, in order: the first here, the others in worker processes."""
+    if len(jobs) == 1:
+        return [_decode(key, jobs[0])]
+    sizes = [(sum(map(len, job.blobs)), job.params * 8) for job in jobs[1:]]
+    with SharedFile(sum(a + b for a, b in sizes)) as shared:
+        away, offset = [], 0
+        for job, (blob_bytes, mean_bytes) in zip(jobs[1:], sizes, strict=True):
+            shared.array(offset, blob_bytes, np.uint8)[:] = np.frombuffer(b"".join(job.blobs),
+                                                                          dtype=np.uint8)
+            away.append(_DecodeAway(replace(job, blobs=[]), shared.region(offset, blob_bytes),
+                                    tuple(map(len, job.blobs)),
+                                    shared.region(offset + blob_bytes, mean_bytes)))
+            offset += blob_bytes + mean_bytes
+        first, rest = here_and_away(key, _decode, jobs[0], _decode_away, away)
+        return [first, *(replace(done, mean=shared.array(part.mean.offset, part.mean.nbytes,
+                                                         np.float64).copy())
+                         for part, done in zip(away, rest, strict=True))]
 
 
 def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weight_sum: float,
@@ -352,9 +449,9 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
         blobs = record_to_ciphertexts(record)
         if len(blobs) != packing.ciphertexts:
             raise ValueError(f"{len(blobs)} ciphertexts, the layout takes {packing.ciphertexts}")
-        jobs = [_DecodeJob(blobs[r.start:r.stop], _count(packing.params_of(r, layout.size)))
-                for r in _ranges(packing.ciphertexts, workers)]
-        parts = map_ranges(_decode, key, jobs, _workers(workers))
+        jobs = [_DecodeJob(blobs[r.start:r.stop], _count(packing.params_of(r, layout.size)),
+                           weight_sum) for r in _ranges(packing.ciphertexts, workers)]
+        parts = _decode_all(key, jobs)
     except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's errors on damaged bytes
         raise IntegrityError(f"the global of round {binding.server_round} cannot be decrypted "
                              f"({exc}): it is damaged or was built for another layout") from None
@@ -369,14 +466,11 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
                              f"values but is not a sum of grid-rounded updates ({exc}): a site "
                              "that did not round its update, or damage the check values missed"
                              ) from None
-    sums = np.concatenate([p.sums for p in parts])
-    if preset.quantization is not None:
-        carried = sum(p.carried for p in parts)
-        if carried:
-            raise IntegrityError(f"the global of round {binding.server_round} holds {carried} "
-                                 "values beyond its packed digits: not a sum of quantized updates")
-        sums = np.ldexp(sums.astype(np.float64), -preset.quantization.fraction_bits)
-    return layout.unflatten(fixed_point.mean(sums, weight_sum))
+    carried = sum(p.carried for p in parts)
+    if carried:
+        raise IntegrityError(f"the global of round {binding.server_round} holds {carried} "
+                             "values beyond its packed digits: not a sum of quantized updates")
+    return layout.unflatten(np.concatenate([p.mean for p in parts]))
 
 
 def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -> None:
@@ -419,6 +513,7 @@ def _workers(workers: int | None) -> int:
 
 
 def _ranges(ciphertexts: int, workers: int | None) -> list[range]:
-    """One range per worker, or a single one below MIN_PARALLEL_CIPHERTEXTS."""
-    parallel = _workers(workers) if ciphertexts >= MIN_PARALLEL_CIPHERTEXTS else 1
-    return split(ciphertexts, parallel)
+    """One range per worker, or a single one below MIN_PARALLEL_CIPHERTEXTS (or without
+    `chunk_pool.parallel_available`)."""
+    parallel = ciphertexts >= MIN_PARALLEL_CIPHERTEXTS and parallel_available()
+    return split(ciphertexts, _workers(workers) if parallel else 1)
