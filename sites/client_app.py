@@ -6,12 +6,16 @@ train:    global model in (decrypted here and nowhere else) + personal layers fr
 evaluate: the same model scored on the site's held-out test split; plaintext metrics out;
           in encrypted runs the round is filed so the site can export it (sites.round_archive).
 query:    the aggregator's census of training sample counts (for a_k = n_k / sum n).
+Under differential privacy a train call first holds the round to the site's own budget
+(sites.privacy_budget), then clips and noises what it shares (sites.update_privacy) and
+audits the epsilon spent before the reply leaves.
 Every reply is written to the site's audit log before it leaves. A call that fails replies
 Flower's error message with only a category and a reference (sites.failure), audited too;
 metrics and counts leave as the site's disclosure settings allow (sites.disclosure).
 """
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.messages import is_census
-from fedhealth.core.models import build_model, model_spec
+from fedhealth.core.models import model_spec
 from fedhealth.core.personalization import get_policy
 from sites.audit import AuditLog
 from sites.data_limits import DataLimits
@@ -32,9 +36,18 @@ from sites.dataset import SiteSplits, load_site, volume_depth_of
 from sites.exchange import Exchange, census_reply, read_exchange, read_run_config
 from sites.failure import record_failure
 from sites.personal_store import PersonalStore
+from sites.privacy_budget import CLIENT, SAMPLE, LedgerEntry, PrivacyLedger, check_budget
 from sites.round_archive import RoundArchive, RoundFacts, site_tensors
 from sites.site_settings import SiteSettings, resolve_site
-from sites.training import TrainSettings, dataset_size, local_round, score_site
+from sites.training import (
+    TrainSettings,
+    dataset_size,
+    dp_sgd_releases,
+    local_round,
+    score_site,
+    site_model,
+)
+from sites.update_privacy import UpdatePrivacy, noise_generator, noise_seed, usable_global
 
 app = ClientApp()
 
@@ -55,9 +68,11 @@ def site_data(site: SiteSettings, config: RunConfig) -> SiteSplits:
 
 
 @lru_cache(maxsize=8)
-def shared_layout(model: str, policy: str, num_classes: int, image_size: int) -> TensorLayout:
+def shared_layout(model: str, policy: str, num_classes: int, image_size: int,
+                  dp_sgd: bool) -> TensorLayout:
     """The layout of the tensors this site shares: what E(global) must decrypt into."""
-    network = build_model(model, num_classes=num_classes, image_size=image_size)
+    network = site_model(model, num_classes=num_classes, image_size=image_size, seed=0,
+                         dp_sgd=dp_sgd)
     shared, _ = get_policy(policy).partition(network).split(
         {n: t.numpy() for n, t in network.state_dict().items()})
     return TensorLayout.of(shared)
@@ -79,14 +94,16 @@ class SiteRound:
                                    site=self.site.name)
         self.settings = TrainSettings.from_run_config(self.config)
         self.run_id = context.run_id
+        self.update_privacy = UpdatePrivacy.of(config)
 
     @property
     def layout(self) -> TensorLayout:
         return shared_layout(self.config.model, self.config.policy, self.splits.num_classes,
-                             self.config.image_size)
+                             self.config.image_size, self.settings.dp_sgd)
 
     def global_shared(self) -> dict[str, np.ndarray] | None:
-        return self.exchange.global_shared(self.layout)
+        received = self.exchange.global_shared(self.layout)
+        return usable_global(received) if self.update_privacy else received
 
 # One call's answer: (server round, reply content), from the message, the run config and the site.
 Answer = Callable[[Message, Context, RunConfig, SiteSettings], tuple[int, RecordDict]]
@@ -142,13 +159,45 @@ def declared_round(message: Message) -> int | None:
 def _train(message: Message, context: Context, config: RunConfig,
            site: SiteSettings) -> tuple[int, RecordDict]:
     work = SiteRound(message, context, config, site)
+    server_round = work.exchange.server_round
+    ledger = PrivacyLedger(site.state_dir, site.name, work.exchange.personal_key(context.run_id))
+    planned = _planned_releases(work)
+    spent = check_budget(ledger, planned, site.max_epsilon, config.dp_delta, site.name)
+    settings = work.settings
+    if settings.dp_sgd:
+        settings = replace(settings, dp_sgd_seed=noise_seed(site.state_dir, config.seed,
+                                                            server_round, "sgd"))
     output = local_round(work.policy, work.config.model, global_shared=work.global_shared(),
-                         personal=work.store.load(), splits=work.splits, settings=work.settings,
-                         seed=work.config.seed, server_round=work.exchange.server_round)
+                         personal=work.store.load(), splits=work.splits, settings=settings,
+                         seed=work.config.seed, server_round=server_round)
     work.store.save(output.personal)
+    shared, clipped = output.shared, None
+    if work.update_privacy is not None:
+        private = work.update_privacy.privatize(
+            shared, output.start, work.exchange.site_weight,
+            noise_generator(site.state_dir, config.seed, server_round))
+        shared, clipped = private.shared, private.delta_norm > config.dp_clip_norm
+    if planned:
+        ledger.record(planned)
+        AuditLog(site.audit_log).record_privacy(context.run_id, server_round, {
+            "training": work.exchange.personal_key(context.run_id), **spent.to_json(),
+            "noise_multiplier": config.dp_noise_multiplier, "clip_norm": config.dp_clip_norm,
+            "sgd_noise_multiplier": config.dp_sgd_noise_multiplier, "clipped": clipped})
     shown = site.disclosure
-    return work.exchange.server_round, work.exchange.train_reply(
-        output.shared, shown.count(output.num_examples), shown.metrics(output.metrics), site.name)
+    return server_round, work.exchange.train_reply(
+        shared, shown.count(output.num_examples), shown.metrics(output.metrics), site.name)
+
+
+def _planned_releases(work: SiteRound) -> list[LedgerEntry]:
+    """The DP releases training this round makes at this site (none without DP)."""
+    server_round = work.exchange.server_round
+    planned = [LedgerEntry(server_round, SAMPLE, r.noise_multiplier, r.sample_rate, r.steps)
+               for r in dp_sgd_releases(work.policy, work.settings, work.splits.train)]
+    if work.update_privacy is not None:
+        release = work.update_privacy.release
+        planned.insert(0, LedgerEntry(server_round, CLIENT, release.noise_multiplier,
+                                      release.sample_rate, release.steps))
+    return planned
 
 
 def _evaluate(message: Message, context: Context, config: RunConfig,

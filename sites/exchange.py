@@ -56,6 +56,10 @@ class Exchange(Protocol):
     def personal_key(self, run_id: int) -> str:
         """What this site's personal layers are stored under for this training."""
 
+    @property
+    def site_weight(self) -> float:
+        """This site's a_k in this round's sum (what its DP noise share is sized by)."""
+
     def global_shared(self, layout: TensorLayout) -> Arrays | None:
         """The global model's shared tensors, or None when sites start from the seed."""
 
@@ -117,6 +121,10 @@ class EncryptedExchange:
     def received(self) -> Instruction | None:
         return self.instruction
 
+    @property
+    def site_weight(self) -> float:
+        return self.instruction.site_weight
+
     def personal_key(self, run_id: int) -> str:
         # Flower's run id changes when the coordinator resumes from a checkpoint; this does not
         return self.instruction.training_id
@@ -150,10 +158,21 @@ class PlaintextExchange:
     """Flower FedAvg's messages, for the plaintext comparison runs."""
 
     content: RecordDict
+    expected_sites: int = 0  # the run config's: sites a plaintext sum is made of
 
     @property
     def server_round(self) -> int:
         return int(self.content[PLAIN_CONFIG]["server-round"])  # type: ignore[arg-type]
+
+    @property
+    def site_weight(self) -> float:
+        """Flower's messages carry no a_k: with uniform weights and every expected site in the
+        sum it is 1 / expected-sites, the a_k an encrypted run of the same sites sends."""
+        if self.expected_sites < 1:
+            raise ValueError("plaintext runs with client-level DP need run config "
+                             "'expected-sites' (the number of sites): it sizes each site's "
+                             "noise share")
+        return 1.0 / self.expected_sites
 
     @property
     def received(self) -> Instruction | None:
@@ -197,7 +216,7 @@ def read_exchange(content: RecordDict, config: RunConfig, site: SiteSettings,
     """The exchange a message speaks, as its run config says; `state` is `Context.state`."""
     if config.encrypted:
         return EncryptedExchange.read(content, site, state)
-    return PlaintextExchange(content)
+    return PlaintextExchange(content, config.expected_sites)
 
 
 def census_reply(content: RecordDict, site: SiteSettings, num_examples: int) -> RecordDict:

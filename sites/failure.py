@@ -23,6 +23,7 @@ from fedhealth.core.crypto.presets import HeadroomError
 from sites.data_limits import DataLimitsError
 from sites.dicom_files import SiteDataError
 from sites.personal_store import PersonalStoreError
+from sites.privacy_budget import PrivacyBudgetExceeded
 from sites.site_settings import SiteSettingsError
 
 # First match wins; anything else is "internal". Categories name a kind of problem, never a value.
@@ -35,6 +36,7 @@ _CATEGORIES: tuple[tuple[type[Exception], str], ...] = (
     (InstructionError, "instruction"),
     (ConfigError, "instruction"),
     (HeadroomError, "crypto"),
+    (PrivacyBudgetExceeded, "privacy-budget"),
 )
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ plays the hospital folder of that rank under the run's `data-dir`, with the run'
 Optional node config keys, the site's own limits (defaults in brackets; see sites/README.md):
 `max-image-mb` [200] largest image decoded, as its header declares it; `num-classes` [2];
 `metric-decimals` [full precision], `withhold-metrics` [none, comma-separated names] and
-`count-step` [1] limit what metrics and counts reveal.
+`count-step` [1] limit what metrics and counts reveal; `max-epsilon` [none] is the site's own
+differential-privacy budget per training (sites.privacy_budget).
 """
 
 from collections.abc import Mapping
@@ -23,7 +24,8 @@ from sites.disclosure import DisclosureError, MetricDisclosure
 # The site's own log of failures: the detail behind the reference an error reply carries.
 ERROR_LOG_FILE = "errors.jsonl"
 # The optional node config keys that set the site's limits (site.toml: the same names under [site]).
-LIMIT_KEYS = ("max-image-mb", "num-classes", "metric-decimals", "withhold-metrics", "count-step")
+LIMIT_KEYS = ("max-image-mb", "num-classes", "metric-decimals", "withhold-metrics", "count-step",
+              "max-epsilon")
 
 
 class SiteSettingsError(ValueError):
@@ -43,6 +45,7 @@ class SiteSettings:
     limits: DataLimits = field(default_factory=DataLimits)
     disclosure: MetricDisclosure = field(default_factory=MetricDisclosure)
     signing_key: Path | None = None  # signs every reply (deployed: node.key); None: unsigned
+    max_epsilon: float | None = None  # the site's DP budget per training; None: no limit
 
     @property
     def error_log(self) -> Path:
@@ -79,6 +82,7 @@ def _deployed_site(node_config: Mapping[str, object]) -> SiteSettings:
         audit_log=Path(str(node_config.get("audit-log", state_dir / "audit.jsonl"))),
         limits=data_limits(node_config),
         disclosure=metric_disclosure(node_config),
+        max_epsilon=privacy_budget(node_config),
     )
 
 
@@ -124,6 +128,15 @@ def metric_disclosure(node_config: Mapping[str, object]) -> MetricDisclosure:
             count_step=1 if count_step is None else count_step)  # type: ignore[arg-type]
     except DisclosureError as err:
         raise SiteSettingsError(f"node config: {err}; check site.toml") from None
+
+
+def privacy_budget(node_config: Mapping[str, object]) -> float | None:
+    """`max-epsilon` of the node config: a positive number, or None when the site sets none."""
+    budget = _number(node_config, "max-epsilon", float)
+    if budget is not None and not 0 < budget < float("inf"):  # type: ignore[operator]
+        raise SiteSettingsError(f"node config 'max-epsilon' must be a positive finite number, "
+                                f"got {budget!r}; check site.toml")
+    return budget  # type: ignore[return-value]
 
 
 def simulated_site_dirs(data_dir: Path) -> list[Path]:

@@ -2,12 +2,21 @@
 
 One training loop (`_fit`) serves every policy and both baselines: policies differ only in which
 tensors they load, which parameters they train, and which anchor the proximal term pulls towards.
+
+Sample-level DP-SGD (run config `dp-sgd-noise-multiplier` > 0) runs the same loop through
+Opacus: Poisson-sampled batches, every example's gradient clipped to `dp-sgd-clip-norm`,
+Gaussian noise on their sum. Per-example gradients and BatchNorm cannot go together (a batch's
+statistics mix its examples), so under DP-SGD every site builds the zoo model with each
+BatchNorm replaced by GroupNorm (Opacus's `ModuleValidator.fix`; `site_model`): FedBN then keeps
+the GroupNorm scales and shifts on site (there are no running statistics to keep), FedPer and
+FedRep keep their meaning, and the proximal policies are refused by the run config.
 """
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, fields, replace
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -19,6 +28,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from fedhealth.core.config import RunConfig
 from fedhealth.core.models import Task, build_model, model_spec
 from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX, Partition, Policy
+from fedhealth.core.privacy_accounting import GaussianRelease
 
 Arrays = dict[str, np.ndarray]
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # config.OPTIMIZER_NAMES
@@ -53,8 +63,13 @@ class TrainSettings:
     proximal_mu: float = _RUN_DEFAULTS.proximal_mu
     image_size: int = _RUN_DEFAULTS.image_size
     balanced_loss: bool = _RUN_DEFAULTS.balanced_loss
+    dp_sgd_noise_multiplier: float = _RUN_DEFAULTS.dp_sgd_noise_multiplier
+    dp_sgd_clip_norm: float = _RUN_DEFAULTS.dp_sgd_clip_norm
     head_epochs: int = 1
     device: str = field(default_factory=default_device)
+    # Seeds DP-SGD's noise: a site derives it from a secret it alone holds
+    # (sites.update_privacy.noise_seed), so nobody who knows the run seed can regenerate it.
+    dp_sgd_seed: int | None = None
 
     def __post_init__(self) -> None:
         # The run config refuses bad values when it is built; this guards settings built directly.
@@ -67,6 +82,10 @@ class TrainSettings:
     def from_run_config(cls, config: RunConfig) -> "TrainSettings":
         return cls(**{name: getattr(config, name) for name in _RUN_FIELDS})
 
+    @property
+    def dp_sgd(self) -> bool:
+        return self.dp_sgd_noise_multiplier > 0
+
 
 _RUN_FIELDS = tuple(f.name for f in fields(TrainSettings) if f.name in
                     {g.name for g in fields(RunConfig)})
@@ -74,12 +93,27 @@ _RUN_FIELDS = tuple(f.name for f in fields(TrainSettings) if f.name in
 
 @dataclass(frozen=True)
 class RoundOutput:
-    """What one local round produces: `shared` is encrypted and sent, `personal` stays on site."""
+    """What one local round produces: `shared` is encrypted and sent, `personal` stays on site.
+    `start` is the shared tensors the round started from (what an update is a delta from)."""
 
     shared: Arrays
     personal: Arrays
     num_examples: int
     metrics: dict[str, float]
+    start: Arrays
+
+
+def site_model(model_name: str, *, num_classes: int, image_size: int, seed: int,
+               dp_sgd: bool) -> nn.Module:
+    """The zoo model every site builds from the seed; under DP-SGD with BatchNorm replaced by
+    GroupNorm (Opacus's fixer, deterministic: weights 1, biases 0), which changes the shared
+    tensors' layout the same way at every site."""
+    model = build_model(model_name, num_classes=num_classes, image_size=image_size, seed=seed)
+    if not dp_sgd:
+        return model
+    from opacus.validators import ModuleValidator
+
+    return ModuleValidator.fix(model)
 
 
 def local_round(policy: Policy, model_name: str, *, global_shared: Mapping[str, np.ndarray] | None,
@@ -111,6 +145,7 @@ def local_round(policy: Policy, model_name: str, *, global_shared: Mapping[str, 
                                      epochs=settings.local_epochs, seed=fit_seed,
                                      anchor=pull if policy.proximal else None)
     shared, kept = partition.split(_to_numpy(model.state_dict()))
+    start, _ = partition.split(_to_numpy(received))
     if policy.personal_model:
         mine = _personal_model(model_name, personal, received, splits.num_classes, settings, seed)
         metrics["personal_train_loss"] = _fit(mine, splits.train, settings, task,
@@ -118,7 +153,21 @@ def local_round(policy: Policy, model_name: str, *, global_shared: Mapping[str, 
                                               anchor=pull)
         kept |= {PERSONAL_MODEL_PREFIX + n: t for n, t in _to_numpy(mine.state_dict()).items()}
     return RoundOutput(shared=shared, personal=kept, num_examples=dataset_size(splits.train),
-                       metrics=metrics)
+                       metrics=metrics, start=start)
+
+
+def dp_sgd_releases(policy: Policy, settings: TrainSettings,
+                    dataset: Dataset) -> tuple[GaussianRelease, ...]:
+    """What one `local_round` of DP-SGD on `dataset` releases, as the accountant composes it
+    (none without DP-SGD): every training phase (FedRep: head, then body) is `epochs` passes of
+    Opacus's Poisson sampler, which draws each example with rate 1 / (batches per epoch)."""
+    if not settings.dp_sgd:
+        return ()
+    batches = math.ceil(dataset_size(dataset) / settings.batch_size)
+    phases = (settings.head_epochs, settings.local_epochs) if policy.head_first else \
+        (settings.local_epochs,)
+    return tuple(GaussianRelease(settings.dp_sgd_noise_multiplier, 1.0 / batches,
+                                 epochs * batches) for epochs in phases)
 
 
 def evaluate_site(policy: Policy, model_name: str, *,
@@ -231,8 +280,8 @@ def operating_threshold(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def train_centrally(model_name: str, dataset: Dataset, settings: TrainSettings, *,
                     num_classes: int, seed: int, epochs: int) -> nn.Module:
     """Train one model on one dataset: the `local` (one site) and `pooled` (all sites) baselines."""
-    model = build_model(model_name, num_classes=num_classes, image_size=settings.image_size,
-                        seed=seed).to(settings.device)
+    model = site_model(model_name, num_classes=num_classes, image_size=settings.image_size,
+                       seed=seed, dp_sgd=settings.dp_sgd).to(settings.device)
     _fit(model, dataset, settings, model_spec(model_name).task, epochs=epochs, seed=seed)
     return model
 
@@ -344,16 +393,23 @@ def _fit(model: nn.Module, dataset: Dataset, settings: TrainSettings, task: Task
     balanced = settings.balanced_loss and task == "classification"
     loss_fn = BalancedCrossEntropy(dataset_labels(dataset)) if balanced else _loss(task)
     model.train()
+    private = None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
                                 num_workers=0, generator=torch.Generator().manual_seed(seed))
+            forward: nn.Module = model
+            if settings.dp_sgd:
+                forward, optimizer, loader = private = _dp_sgd(model, optimizer, loader, settings)
+            total, count = 0.0, 0
             for _ in range(epochs):
                 total, count = 0.0, 0
                 for batch in loader:
                     x, y = _inputs(batch, task, settings.device)
-                    loss = loss_fn(model(x), y)
+                    if not len(x):  # a Poisson batch can be empty: nothing to learn from
+                        continue
+                    loss = loss_fn(forward(x), y)
                     total, count = total + loss.item() * len(x), count + len(x)
                     if anchored:
                         loss = loss + settings.proximal_mu / 2 * sum(
@@ -362,9 +418,28 @@ def _fit(model: nn.Module, dataset: Dataset, settings: TrainSettings, task: Task
                     loss.backward()
                     optimizer.step()
     finally:
+        if private is not None:
+            private[0]._close()  # Opacus's hooks and per-sample gradients off the model
         for p in frozen:
             p.requires_grad_(True)
-    return total / count
+    return total / max(count, 1)
+
+
+def _dp_sgd(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+            settings: TrainSettings) -> tuple[Any, torch.optim.Optimizer, DataLoader]:
+    """Opacus's DP-SGD around `model`, `optimizer` and `loader` (Poisson sampling, flat
+    per-example clipping, noise from the site's secret seed when it has one)."""
+    from opacus import PrivacyEngine
+
+    noise = (torch.Generator().manual_seed(settings.dp_sgd_seed)
+             if settings.dp_sgd_seed is not None else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns that secure_mode (a CSPRNG) is off
+        module, private_optimizer, private_loader = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=settings.dp_sgd_noise_multiplier,
+            max_grad_norm=settings.dp_sgd_clip_norm, poisson_sampling=True, noise_generator=noise)
+    return module, private_optimizer, private_loader
 
 
 class BalancedCrossEntropy(nn.Module):
@@ -402,8 +477,8 @@ def _assemble(policy: Policy, model_name: str, global_shared: Mapping[str, np.nd
               personal: Mapping[str, np.ndarray] | None, num_classes: int,
               settings: TrainSettings, seed: int) -> tuple[nn.Module, Partition]:
     """The seed's model with the received shared tensors and the site's personal ones loaded."""
-    model = build_model(model_name, num_classes=num_classes, image_size=settings.image_size,
-                        seed=seed)
+    model = site_model(model_name, num_classes=num_classes, image_size=settings.image_size,
+                       seed=seed, dp_sgd=settings.dp_sgd)
     partition = policy.partition(model)
     if global_shared is not None:
         _load(model, global_shared, partition.shared, "the global model")
@@ -418,8 +493,8 @@ def _personal_model(model_name: str, personal: Mapping[str, np.ndarray] | None,
                     start: Mapping[str, torch.Tensor], num_classes: int, settings: TrainSettings,
                     seed: int) -> nn.Module:
     """Ditto's personal model: the stored one, or on first use the received global (`start`)."""
-    model = build_model(model_name, num_classes=num_classes, image_size=settings.image_size,
-                        seed=seed)
+    model = site_model(model_name, num_classes=num_classes, image_size=settings.image_size,
+                       seed=seed, dp_sgd=settings.dp_sgd)
     if personal and _has_personal_model(personal):
         stored = {n[len(PERSONAL_MODEL_PREFIX):]: t for n, t in personal.items()
                   if n.startswith(PERSONAL_MODEL_PREFIX)}

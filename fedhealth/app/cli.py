@@ -85,6 +85,12 @@ def compare_command(
     strategies: str = typer.Option(",".join(
         ("local", "pooled", "fedavg", "fedprox", "fedbn", "fedper", "fedrep", "ditto"))),
     plaintext_too: bool = typer.Option(False, help="Also run each strategy unencrypted."),
+    dp: str | None = typer.Option(None, "--dp", help="Client-level DP noise multipliers, e.g. "
+                                  "0,0.5,1: each federated strategy runs encrypted at each, with "
+                                  "uniform weights (0: without noise); adds epsilon and a "
+                                  "privacy/utility plot."),
+    dp_clip_norm: float | None = typer.Option(None, help="L2 clipping norm of every site's "
+                                              "update under --dp; default: the run config's."),
     model: str | None = typer.Option(None, help="Model zoo name; default: the run config's."),
     local_epochs: int | None = typer.Option(None, help="Default: the run config's."),
     learning_rate: float | None = typer.Option(None, help="Default: the run config's."),
@@ -98,17 +104,22 @@ def compare_command(
 
     Every schedule option left out takes the run config's default ([tool.flwr.app.config]).
     """
-    from fedhealth.app.compare import compare, parse_strategies
-    from fedhealth.app.report import plot_results, results_table
+    from fedhealth.app.compare import compare, parse_noise_levels, parse_strategies
+    from fedhealth.app.report import plot_privacy, plot_results, results_table
     from fedhealth.core.config import ConfigError, RunConfig
 
     try:
         names = parse_strategies(strategies)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--strategies") from error
+    try:
+        dp_levels = parse_noise_levels(dp) if dp is not None else None
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--dp") from error
     console = report_console()
     overrides = {"num-server-rounds": rounds, "model": model, "local-epochs": local_epochs,
-                 "learning-rate": learning_rate, "optimizer": optimizer, "image-size": image_size}
+                 "learning-rate": learning_rate, "optimizer": optimizer, "image-size": image_size,
+                 "dp-clip-norm": dp_clip_norm}
     try:  # through Flower's field names: one path that checks every value, typed as it arrives
         config = RunConfig.from_flower({
             **RunConfig(seed=seed, balanced_loss=balanced_loss).to_flower(),
@@ -116,7 +127,10 @@ def compare_command(
     except ConfigError as error:
         raise typer.BadParameter(str(error)) from error
     results = compare(data, out, names, config, repeats=repeats, plaintext_too=plaintext_too,
-                      target_fraction=target_fraction,
+                      dp_levels=dp_levels, target_fraction=target_fraction,
                       on_run=lambda label: console.log(f"running {label}"))
     console.print(results_table(results.runs))
     console.print(f"plot: {plot_results(results.runs, out.with_suffix('.png'))}")
+    if dp_levels:
+        privacy_plot = out.with_name(f"{out.stem}-privacy.png")
+        console.print(f"privacy plot: {plot_privacy(results.runs, privacy_plot)}")

@@ -4,6 +4,9 @@ Federated strategies run in Flower's simulation engine, encrypted (and optionall
 The two baselines bracket them: `local` trains each hospital alone, `pooled` trains centrally on
 every hospital's training split (the upper bound no privacy rule would allow). All are scored
 on each site's own test split with the same training schedule (rounds x local epochs).
+With `dp_levels` every federated strategy runs, encrypted, once per client-level noise
+multiplier (0: the same run without noise), all with uniform weights (what DP needs, so the
+runs differ in their noise alone): the privacy/utility trade-off, epsilon in each run's record.
 """
 
 import shutil
@@ -83,8 +86,29 @@ def runs_folder(out: Path) -> Path:
     return out.parent / f"{out.stem}-runs"
 
 
+def parse_noise_levels(levels: str) -> list[float]:
+    """`0,0.5,1` as noise multipliers, refused up front when one is not a number >= 0."""
+    try:
+        values = [float(v) for v in levels.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v >= 0 for v in values):
+        raise ValueError(f"noise multipliers {levels!r}: give numbers >= 0 separated by commas, "
+                         "e.g. 0,0.5,1 (0: the same run without noise)")
+    return values
+
+
+def _modes(plaintext_too: bool, dp_levels: Sequence[float] | None
+           ) -> list[tuple[bool, float | None]]:
+    """(encrypted, noise multiplier or None for the base config's) of each federated run."""
+    if dp_levels:
+        return [(True, level) for level in dp_levels]
+    return [(True, None), (False, None)] if plaintext_too else [(True, None)]
+
+
 def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfig, *,
             repeats: int = 1, plaintext_too: bool = False,
+            dp_levels: Sequence[float] | None = None,
             target_fraction: float = TARGET_FRACTION,
             on_run: Callable[[str], None] = lambda label: None) -> "Comparison":
     """Run every strategy on the federation in `data_dir`, with seeds base.seed .. +repeats-1.
@@ -116,12 +140,16 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
                              for d in site_dirs]
                     runs.append({**run_baseline(name, sites, config), "seed": seed})
                     continue
-                for encrypted in (True, False) if plaintext_too else (True,):
-                    tag = f"{name}-{'encrypted' if encrypted else 'plaintext'}-seed{seed}"
+                for encrypted, noise in _modes(plaintext_too, dp_levels):
+                    tag = (f"{name}-{'encrypted' if encrypted else 'plaintext'}"
+                           f"{'' if noise is None else f'-dp{noise:g}'}-seed{seed}")
                     on_run(tag)
                     shutil.rmtree(work / tag, ignore_errors=True)  # our scratch: re-runs start afresh
                     run_config = replace(config, policy=name, encrypted=encrypted,
                                          out_dir=str(work / tag))
+                    if noise is not None:
+                        run_config = replace(run_config, dp_noise_multiplier=noise,
+                                             uniform_weights=True)
                     runs.append({**simulate(run_config, superlink=superlink), "seed": seed})
     add_rounds_to_target(runs, target_fraction)
     results = Comparison(runs, summarize(runs))

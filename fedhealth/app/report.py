@@ -30,8 +30,9 @@ def results_table(runs: Sequence[Run], title: str = "") -> Table:
     table = Table(title=f"{heading} ({seeds_note}± 95% interval over test images)")
     detail = len(sites) <= MAX_SITE_COLUMNS
     columns = [*sites] if detail else ["worst site", "spread over sites"]
-    for column in ("strategy", *columns, "mean", "AUC", "rounds to target", "seconds",
-                   "uplink MB/round"):
+    private = any(s.epsilon is not None for s in summaries)
+    for column in ("strategy", *columns, "mean", "AUC", *(["epsilon"] if private else []),
+                   "rounds to target", "seconds", "uplink MB/round"):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for summary in summaries:
         if detail:
@@ -48,7 +49,9 @@ def results_table(runs: Sequence[Run], title: str = "") -> Table:
                    "not reached" if summary.rounds_to_target is None else
                    f"{summary.rounds_to_target:.1f}")
         uplink = summary.uplink_bytes_per_round / 1e6
-        table.add_row(summary.label, *cells, mean_cell, f"{summary.auc:.3f}", reached,
+        spent = ([] if not private else ["-" if summary.epsilon is None else
+                                          f"{summary.epsilon:.3g} (δ {summary.delta:g})"])
+        table.add_row(summary.label, *cells, mean_cell, f"{summary.auc:.3f}", *spent, reached,
                       f"{summary.seconds:.0f}", f"{uplink:.2f}" if uplink else "-")
     return table
 
@@ -87,6 +90,43 @@ def plot_results(runs: Sequence[Run], path: Path, title: str = "") -> Path:
     curves.legend(fontsize=7)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_privacy(runs: Sequence[Run], path: Path, title: str = "") -> Path:
+    """The privacy/utility trade-off: each strategy's mean over sites (± 95% interval) against
+    the client-level epsilon it spent; its run without DP is a dashed line, a baseline dotted."""
+    summaries = summarize(runs)
+    fig, axes = plt.subplots(figsize=(6.5, 4.5))
+    strategies = list(dict.fromkeys(s.strategy for s in summaries))
+    for i, strategy in enumerate(strategies):
+        color = f"C{i % 10}"
+        rows = [s for s in summaries if s.strategy == strategy]
+        private = sorted((s for s in rows if s.epsilon is not None),
+                         key=lambda s: s.epsilon or 0.0)
+        if private:
+            axes.errorbar([s.epsilon or 0.0 for s in private], [s.mean.mean for s in private],
+                          yerr=[s.mean.ci95 for s in private], marker="o", capsize=3,
+                          color=color, label=f"{strategy}, DP")
+            for s in private:
+                axes.annotate(f"z={s.noise_multiplier:g}", (s.epsilon or 0.0, s.mean.mean),
+                              textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for s in rows:
+            if s.epsilon is None:
+                axes.axhline(s.mean.mean, color=color, linewidth=1,
+                             linestyle=":" if s.encrypted is None else "--",
+                             label=f"{s.label}, no DP")
+    axes.set_xscale("log")
+    axes.set_xlabel("client-level epsilon after the last round (log scale)")
+    axes.set_ylabel(f"mean {METRIC} over sites (± 95% interval)")
+    axes.set_ylim(0, 1)
+    axes.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    axes.set_title(title or "privacy against utility")
+    axes.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedhealth.app.privacy_report import log_privacy, planned_epsilon, privacy_report
 from fedhealth.core.config import ConfigError, RunConfig
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.aggregator_key import load_aggregator_context
@@ -105,6 +106,11 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResults:
     arrays = starting_arrays(strategy)
     wait_for_sites(grid, config)
     started = time.perf_counter()
+    if config.dp_noise_multiplier > 0:
+        log(INFO, "Client-level DP: noise multiplier %g, clip norm %g; epsilon after %d rounds "
+            "at delta %g if every site's noise share is summed: %.4g", config.dp_noise_multiplier,
+            config.dp_clip_norm, config.num_server_rounds, config.dp_delta,
+            planned_epsilon(config))
     if not config.resume:
         evaluate_round_zero(strategy, grid, arrays, config)
     strategy.start(grid, arrays, num_rounds=config.num_server_rounds,
@@ -112,9 +118,11 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResults:
     results = RunResults(strategy=config.policy, encrypted=config.encrypted,
                          rounds=config.num_server_rounds,
                          seconds=time.perf_counter() - started, history=strategy.history)
+    privacy = privacy_report(config, strategy.history)
+    log_privacy(privacy)
     if config.out_dir:
         path = Path(config.out_dir) / wire.RESULTS_FILE
-        write_json_atomically(path, results.to_json())
+        write_json_atomically(path, results.to_json() | {"privacy": privacy})
         log(INFO, "Results written to %s", path)
     return results
 

@@ -8,6 +8,8 @@ Two kinds of uncertainty, reported apart:
   initial model and the shuffles.
 `rounds_to_target` is the first round at which a federated run's mean over sites reaches a stated
 fraction of pooled training's: with the uplink to that round, what a coordinator plans with.
+`epsilon` is the client-level privacy a run spent (results.json `privacy`, at its `delta`); runs
+at different noise multipliers are different rows.
 """
 
 import math
@@ -56,6 +58,9 @@ class StrategySummary:
     uplink_bytes_to_target: float | None
     seconds: float
     uplink_bytes_per_round: float
+    noise_multiplier: float = 0.0  # client-level DP (0: none)
+    epsilon: float | None = None  # mean over the seeds' runs; None without client-level DP
+    delta: float | None = None
 
     def to_json(self) -> dict[str, object]:
         payload = asdict(self)
@@ -64,10 +69,27 @@ class StrategySummary:
 
 
 def run_label(run: Run) -> str:
-    """'fedbn (encrypted)', 'fedavg (plaintext)', or just 'local' for non-federated baselines."""
+    """'fedbn (encrypted)', 'fedavg (plaintext)', 'fedavg (encrypted, DP z=0.5)', or just
+    'local' for non-federated baselines."""
     mode = run.get("encrypted")
-    return str(run["strategy"]) if mode is None else \
-        f"{run['strategy']} ({'encrypted' if mode else 'plaintext'})"
+    if mode is None:
+        return str(run["strategy"])
+    noise = noise_multiplier(run)
+    privacy = f", DP z={noise:g}" if noise > 0 else ""
+    return f"{run['strategy']} ({'encrypted' if mode else 'plaintext'}{privacy})"
+
+
+def noise_multiplier(run: Run) -> float:
+    """The client-level DP noise multiplier a run used (0: none, or a baseline)."""
+    privacy = cast(Mapping[str, object], run.get("privacy") or {})
+    return _number(privacy.get("noise_multiplier"))
+
+
+def run_epsilon(run: Run) -> float | None:
+    """The client-level epsilon a run spent, None without client-level DP."""
+    privacy = cast(Mapping[str, object], run.get("privacy") or {})
+    value = privacy.get("epsilon")
+    return None if value is None or not noise_multiplier(run) else _number(value)
 
 
 def rounds_to_target(curve: Mapping[int, float], target: float) -> int | None:
@@ -125,6 +147,8 @@ def _summary(label: str, group: list[Run]) -> StrategySummary:
     uplinks = [_number(run["uplink_bytes_to_target"]) for run in group
                if run.get("uplink_bytes_to_target") is not None]
     first = group[0]
+    spent = [e for e in map(run_epsilon, group) if e is not None]
+    privacy = cast(Mapping[str, object], first.get("privacy") or {})
     return StrategySummary(
         label=label, strategy=str(first["strategy"]),
         encrypted=cast(bool | None, first.get("encrypted")),
@@ -134,7 +158,9 @@ def _summary(label: str, group: list[Run]) -> StrategySummary:
         curve=curve, rounds_to_target=mean(reached) if reached else None,
         uplink_bytes_to_target=mean(uplinks) if uplinks else None,
         seconds=mean(_number(run["seconds"]) for run in group),
-        uplink_bytes_per_round=mean(_number(run.get("uplink_bytes_per_round")) for run in group))
+        uplink_bytes_per_round=mean(_number(run.get("uplink_bytes_per_round")) for run in group),
+        noise_multiplier=noise_multiplier(first), epsilon=mean(spent) if spent else None,
+        delta=cast(float, privacy["delta"]) if spent else None)
 
 
 def _mean_ci(per_site_runs: Sequence[Mapping[str, Mapping[str, float]]]) -> float:

@@ -38,6 +38,17 @@ class RunConfig:
         unused by 2D models. The model name says whether it is 3D (fedhealth.core.models).
     max_site_weight: the largest share a_k of the global any one site gets from the census of
         sample counts, whatever count it claims (1: no cap); the excess goes to the others.
+    dp_noise_multiplier: client-level differential privacy (0: off). Every site clips the delta
+        of its shared tensors from the model it started the round from to L2 norm
+        `dp_clip_norm` and adds its share of Gaussian noise, so the decrypted sum carries noise
+        of sd `dp_noise_multiplier * dp_clip_norm` per site's weight (sites.update_privacy).
+        Needs `uniform_weights`: the sensitivity of a weighted sum is the largest a_k, which no
+        site can check.
+    dp_delta: the delta every epsilon is stated at (fedhealth.core.privacy_accounting).
+    dp_sgd_noise_multiplier: sample-level DP-SGD inside each site's training with Opacus (0:
+        off): per-sample gradients clipped to `dp_sgd_clip_norm`, BatchNorm replaced by
+        GroupNorm. Not with the proximal policies (Opacus replaces each gradient by its noisy
+        clipped per-sample sum, which would drop the proximal term).
     """
 
     num_server_rounds: int = 8
@@ -60,6 +71,11 @@ class RunConfig:
     balanced_loss: bool = False
     uniform_weights: bool = False
     max_site_weight: float = 1.0
+    dp_noise_multiplier: float = 0.0
+    dp_clip_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_sgd_noise_multiplier: float = 0.0
+    dp_sgd_clip_norm: float = 1.0
     data_dir: str = ""
     key_dir: str = ""
     state_dir: str = ""
@@ -69,6 +85,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_names(self)
         _check_ranges(self)
+        _check_privacy(self)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> "RunConfig":
@@ -133,11 +150,34 @@ def _check_ranges(config: RunConfig) -> None:
         "batch_size": (config.batch_size >= 1, ">= 1"),
         "learning_rate": (config.learning_rate > 0, "> 0"),
         "proximal_mu": (config.proximal_mu >= 0, ">= 0"),
+        "dp_noise_multiplier": (config.dp_noise_multiplier >= 0, ">= 0 (0: no client-level DP)"),
+        "dp_clip_norm": (config.dp_clip_norm > 0, "> 0"),
+        "dp_delta": (0 < config.dp_delta < 1, "in (0, 1)"),
+        "dp_sgd_noise_multiplier": (config.dp_sgd_noise_multiplier >= 0, ">= 0 (0: no DP-SGD)"),
+        "dp_sgd_clip_norm": (config.dp_sgd_clip_norm > 0, "> 0"),
     }
     for name, (valid, expected) in rules.items():
         if not valid:
             raise ConfigError(f"run config field '{_key(name)}' is {getattr(config, name)!r}: "
                               f"it must be {expected}")
+
+
+def _check_privacy(config: RunConfig) -> None:
+    """Differential privacy settings that would hold no guarantee, refused with the fix."""
+    from fedhealth.core.personalization import get_policy
+
+    if config.dp_noise_multiplier > 0 and not config.uniform_weights:
+        raise ConfigError("run config field 'dp-noise-multiplier' is "
+                          f"{config.dp_noise_multiplier!r} but 'uniform-weights' is false: "
+                          "client-level DP sizes every site's noise by its weight a_k = 1/K, "
+                          "so set uniform-weights = true (as Flower's DP strategies average "
+                          "unweighted)")
+    policy = get_policy(config.policy)
+    if config.dp_sgd_noise_multiplier > 0 and (policy.proximal or policy.personal_model):
+        raise ConfigError("run config field 'dp-sgd-noise-multiplier' is "
+                          f"{config.dp_sgd_noise_multiplier!r} with policy '{config.policy}': "
+                          "DP-SGD replaces each gradient by its clipped, noisy per-sample sum, "
+                          "which drops the proximal term; choose fedavg, fedbn, fedper or fedrep")
 
 
 def _coerce(key: str, value: object, kind: type) -> object:
