@@ -79,9 +79,9 @@ def pipeline_steps(image_size: int, reader: dict[str, object], masks: bool = Fal
         *load_masks,
         # PALETTE COLOR indices (plain PydicomReader) -> RGB with the file's own colour table
         {"_target_": "monai.transforms.Lambda",
-         "func": f"$lambda d: {{**d, '{IMAGE}': torch.as_tensor(pydicom.pixels.apply_color_lut("
-                 f"{image}.numpy().astype('int64'), pydicom.dcmread({image}.meta["
-                 "'filename_or_obj'])), dtype=torch.float32)} "
+         "func": f"$lambda d: {{**d, '{IMAGE}': torch.as_tensor((lambda pydicom: pydicom.pixels."
+                 f"apply_color_lut({image}.numpy().astype('int64'), pydicom.dcmread({image}.meta["
+                 "'filename_or_obj'])))(__import__('pydicom.pixels')), dtype=torch.float32)} "
                  f"if d['{PALETTE}'] else d"},
         # a multi-frame file's item: its frame (a copy: the reader keeps the file's pixels)
         {"_target_": "monai.transforms.Lambda",
@@ -118,8 +118,7 @@ def _channels(in_channels: int, image: str) -> str:
     return f"{colour} if {image}.ndim == 3 else {grey}"
 
 
-# The bundle-config imports `folder_datalist`'s and the palette step's expressions use besides torch
-# (`import pydicom` loads pydicom.misc and pydicom.pixels)
+# The bundle-config imports `folder_datalist`'s expression uses (`import pydicom` loads pydicom.misc)
 DATALIST_IMPORTS = ("$import pathlib", "$import pydicom")
 
 
