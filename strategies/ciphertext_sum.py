@@ -9,6 +9,7 @@ reply's bytes and one parsed ciphertext, whatever the number of sites.
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import tenseal as ts
 from flwr.app import ArrayRecord
@@ -86,68 +87,89 @@ def _data_level(key: AggregatorKey) -> list[int]:
     return list(key.context.seal_context().data.first_parms_id())
 
 
+class UpdateSum(Protocol):
+    """What a round folds replies into: `RunningSum` here, `strategies.parallel_sum.ParallelSum`
+    over worker processes."""
+
+    @property
+    def chunk_sizes(self) -> tuple[int, ...]: ...
+
+    def fold(self, record: ArrayRecord) -> None: ...
+
+    def ciphertexts(self) -> list[bytes]: ...
+
+
 class RunningSum:
     """E(sum a_k w_k) over the updates folded so far: each one all or nothing, then released.
 
     `fold` parses and adds one ciphertext at a time, so while a reply is folded the memory is
     the sum, the reply's bytes and one parsed ciphertext; a ciphertext that fails takes back
     the ones of that reply already added (re-parsed from the reply's bytes), so the sum stays
-    exact and the reply is left out whole.
+    exact and the reply is left out whole. `first_index`: the index of this sum's first
+    ciphertext in the model, when it holds a slice of it (a worker of `ParallelSum`).
     """
 
-    def __init__(self, key: AggregatorKey, expected_sizes: tuple[int, ...] | None) -> None:
+    def __init__(self, key: AggregatorKey, expected_sizes: tuple[int, ...] | None,
+                 first_index: int = 0) -> None:
         self.key = key
         self.expected_sizes = expected_sizes
+        self.first_index = first_index
         self.total: list[ts.CKKSVector] = []
         self.chunk_sizes: tuple[int, ...] = ()
-        self.folded = 0  # updates in the sum
 
     def fold(self, record: ArrayRecord) -> None:
         """Add one update; ReplyRejected (and the sum unchanged) if it cannot be summed."""
-        expected = self.chunk_sizes or self.expected_sizes
-        count = declared_count(self.key, record)
-        if expected is not None and count != len(expected):
-            raise ReplyRejected(f"{count} ciphertexts, the federation's model takes "
-                                f"{len(expected)}")
-        blobs = wire.record_to_ciphertexts(record)
+        check_count(declared_count(self.key, record), self.chunk_sizes or self.expected_sizes)
+        self.fold_ciphertexts(wire.record_to_ciphertexts(record))
+
+    def fold_ciphertexts(self, blobs: Sequence[bytes]) -> None:
+        """`fold` for serialized ciphertexts whose count was checked."""
         if not self.total:  # the first update is parsed whole: it becomes the sum
-            vectors = parse_ciphertexts(self.key, blobs)
-            self._check_sizes(tuple(v.size() for v in vectors), expected)
-            self.total, self.chunk_sizes = vectors, tuple(v.size() for v in vectors)
-            self.folded = 1
+            vectors = [parse_ciphertext(self.key, blob, self.first_index + i)
+                       for i, blob in enumerate(blobs)]
+            sizes = tuple(v.size() for v in vectors)
+            check_sizes(sizes, self.expected_sizes)
+            self.total, self.chunk_sizes = vectors, sizes
             return
-        self._check_sizes(expected, self.chunk_sizes)  # a resumed layout must be the sum's
         for i, blob in enumerate(blobs):
+            index = self.first_index + i
             try:
-                vector = parse_ciphertext(self.key, blob, i)
+                vector = parse_ciphertext(self.key, blob, index)
                 if vector.size() != self.chunk_sizes[i]:
-                    raise ReplyRejected(f"ciphertext {i} holds {vector.size()} slots, the "
+                    raise ReplyRejected(f"ciphertext {index} holds {vector.size()} slots, the "
                                         f"federation's model puts {self.chunk_sizes[i]} there")
                 self.total[i].add_(vector)
             except ReplyRejected:
-                self._take_back(blobs[:i])
+                self.take_back(blobs[:i])
                 raise
             except Exception as exc:  # SEAL refuses operands it cannot add
-                self._take_back(blobs[:i])
-                raise ReplyRejected(f"ciphertext {i} cannot be added ({exc})") from None
-        self.folded += 1
+                self.take_back(blobs[:i])
+                raise ReplyRejected(f"ciphertext {index} cannot be added ({exc})") from None
+
+    def take_back(self, blobs: Sequence[bytes]) -> None:
+        """Subtract ciphertexts that were added (the first `len(blobs)` of the sum)."""
+        for acc, blob in zip(self.total, blobs, strict=False):
+            acc.sub_(ts.ckks_vector_from(self.key.context, blob))  # checked when added
 
     def ciphertexts(self) -> list[bytes]:
         """The sum serialized, releasing each parsed ciphertext as soon as its bytes exist."""
         blobs = []
+        self.total.reverse()
         while self.total:
-            blobs.append(self.total.pop(0).serialize())
+            blobs.append(self.total.pop().serialize())
         return blobs
 
-    def _take_back(self, blobs: Sequence[bytes]) -> None:
-        for acc, blob in zip(self.total, blobs, strict=False):
-            acc.sub_(ts.ckks_vector_from(self.key.context, blob))  # checked when added
 
-    @staticmethod
-    def _check_sizes(sizes: tuple[int, ...] | None, expected: tuple[int, ...] | None) -> None:
-        if sizes is not None and expected is not None and sizes != expected:
-            raise ReplyRejected(f"{sum(sizes)} slots, the federation's model takes "
-                                f"{sum(expected)}")
+def check_count(count: int, expected: tuple[int, ...] | None) -> None:
+    """A reply's declared ciphertext count against the sum's layout (None: not fixed yet)."""
+    if expected is not None and count != len(expected):
+        raise ReplyRejected(f"{count} ciphertexts, the federation's model takes {len(expected)}")
+
+
+def check_sizes(sizes: tuple[int, ...] | None, expected: tuple[int, ...] | None) -> None:
+    """Slots per ciphertext against the sum's layout (either None: nothing to compare)."""
+    if sizes is not None and expected is not None and sizes != expected:
+        raise ReplyRejected(f"{sum(sizes)} slots, the federation's model takes {sum(expected)}")
 
 
 def sum_updates(key: AggregatorKey, updates: Iterable[ArrayRecord], *,

@@ -24,13 +24,15 @@ from fedhealth.core.crypto.aggregator_key import AggregatorKey
 from fedhealth.core.run_history import EVALUATE, TRAIN, RunHistory
 from strategies.census import Census, uniform_weights
 from strategies.checkpoint import EncryptedGlobal, load_checkpoint, save_checkpoint, save_history
-from strategies.ciphertext_sum import RunningSum, declared_count, parse_ciphertexts
+from strategies.ciphertext_sum import RunningSum, UpdateSum, declared_count, parse_ciphertexts
+from strategies.parallel_sum import SumWorkers
 from strategies.reply_check import (
     CheckedReply,
     Expected,
     ReplyRejected,
     ReplyVerifier,
     check_train_fields,
+    release_arrays,
 )
 from strategies.reply_stream import StreamingGrid
 from strategies.resume import ShiftedRounds
@@ -64,12 +66,15 @@ class EncryptedFedAvg(FedAvg):
         is refused rather than silently continued or overwritten: it may hold a long run's work.
     reply_verifier : the signature hook, called as `reply_verifier(reply, training_id)` on every
         reply that passed the field checks; see `strategies.reply_check.ReplyVerifier`.
+    workers : processes that parse and add ciphertexts (`strategies.parallel_sum`); 1 folds
+        in the ServerApp's own process. Started at the first train round, stopped by `close`
+        (which `start` calls when its rounds end).
     """
 
     def __init__(self, key: AggregatorKey, *, min_replies: int | None = None,
                  uniform_weights: bool = False, max_site_weight: float = 1.0,
                  checkpoint_dir: Path | None = None, resume: bool = False,
-                 reply_verifier: ReplyVerifier | None = None,
+                 reply_verifier: ReplyVerifier | None = None, workers: int = 1,
                  **fedavg_kwargs: object) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.key = key
@@ -81,6 +86,8 @@ class EncryptedFedAvg(FedAvg):
         self.history = RunHistory()
         self.training_id = uuid.uuid4().hex  # a resumed run takes its checkpoint's instead
         self._asked: dict[int, Expected] = {}  # this round's train instructions, by node
+        self.workers = workers
+        self._pool: SumWorkers | None = None  # started by the first sum that needs it
         if checkpoint_dir is not None and (found := load_checkpoint(checkpoint_dir)):
             if not resume:
                 raise FileExistsError(
@@ -131,12 +138,21 @@ class EncryptedFedAvg(FedAvg):
         if remaining <= 0:
             log(INFO, "All %d rounds are in the checkpoint; nothing to run", num_rounds)
             return Result(arrays=self.global_record())
-        if self.completed_rounds:  # Flower's loop counts from 1: run it over shifted rounds
-            return ShiftedRounds(self, self.completed_rounds).start(
-                grid, self.global_record(), remaining, timeout, train_config, evaluate_config,
-                evaluate_fn)
-        return super().start(grid, self.global_record(), remaining, timeout, train_config,
-                             evaluate_config, evaluate_fn)
+        try:
+            if self.completed_rounds:  # Flower's loop counts from 1: run it over shifted rounds
+                return ShiftedRounds(self, self.completed_rounds).start(
+                    grid, self.global_record(), remaining, timeout, train_config,
+                    evaluate_config, evaluate_fn)
+            return super().start(grid, self.global_record(), remaining, timeout, train_config,
+                                 evaluate_config, evaluate_fn)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the aggregator's worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def summary(self) -> None:
         super().summary()
@@ -218,6 +234,7 @@ class EncryptedFedAvg(FedAvg):
                 count = declared_count(self.key, reply.content[wire.UPDATE])  # type: ignore[arg-type]
             except ReplyRejected as exc:
                 self.screen.reject(TRAIN, server_round, reply.node_id, exc)
+                release_arrays(reply.content)
                 continue
             fold.add(reply, (layout_hash, count))
             del reply  # folded and released, or held by `fold`: not kept alive by this loop
@@ -250,8 +267,13 @@ class EncryptedFedAvg(FedAvg):
         """The layout every reply must declare: the current global's (None in round 1)."""
         return (self.current.layout_hash, len(self.current.chunk_sizes)) if self.current else None
 
-    def _new_sum(self) -> RunningSum:
-        return RunningSum(self.key, self.current.chunk_sizes if self.current else None)
+    def _new_sum(self) -> UpdateSum:
+        expected = self.current.chunk_sizes if self.current else None
+        if self.workers < 2:
+            return RunningSum(self.key, expected)
+        if self._pool is None:
+            self._pool = SumWorkers(self.key, self.workers)
+        return self._pool.new_sum(expected)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -65,9 +65,29 @@ class CheckedReply:
     content: RecordDict = field(repr=False, compare=False)
 
     def released(self) -> "CheckedReply":
-        """The same facts without the content: what a folded reply leaves behind, so a round
-        holds one reply's bytes at a time, not every site's."""
+        """The same facts without the content (whose arrays `release_arrays` drops): what a
+        folded reply leaves behind, so a round holds one reply's bytes at a time."""
+        release_arrays(self.content)
         return replace(self, content=RecordDict())
+
+
+def release_arrays(content: RecordDict) -> None:
+    """Take the arrays out of a reply the aggregator is done with, so their bytes go now.
+
+    Each `RecordDict.array_records` view Flower builds holds the RecordDict and its
+    ArrayRecords in a reference cycle, so a reply any code viewed that way is only freed by
+    the cyclic garbage collector, rounds later for one that lived through a fold: every
+    site's update would pile up (measured: all 6 of a 6-site round alive at its end). So the
+    aggregator never builds that view of a reply (`array_records_of`, or a record by name),
+    and taken out of the dict here, an ArrayRecord goes at once.
+    """
+    for name, _ in array_records_of(content):
+        del content[name]
+
+
+def array_records_of(content: RecordDict) -> list[tuple[str, ArrayRecord]]:
+    """The ArrayRecords in `content` by name, without building a `.array_records` view."""
+    return [(name, record) for name, record in content.items() if isinstance(record, ArrayRecord)]
 
 
 ReplyVerifier = Callable[[CheckedReply, str], None]
@@ -117,7 +137,7 @@ def check_reply(message: Message, expected: Expected, *, fingerprint: str | None
 
 def _array_bytes(content: RecordDict) -> int:
     """Bytes of every array in `content`, as declared by each Array (nothing parsed)."""
-    return sum(len(array.data) for record in content.array_records.values()
+    return sum(len(array.data) for _, record in array_records_of(content)
                for array in record.values())
 
 

@@ -23,7 +23,7 @@ def signature_hook(verifier: ReplyVerifier) -> ReplyHook:
         if reply.kind == MessageType.TRAIN:
             try:
                 digest = ciphertext_digest(wire.record_to_ciphertexts(
-                    reply.content.array_records[wire.UPDATE]))
+                    reply.content[wire.UPDATE]))  # type: ignore[arg-type]  # checked: an ArrayRecord
             except (KeyError, TypeError, ValueError) as exc:
                 raise ReplyRejected(f"its ciphertexts cannot be read to check the signature "
                                     f"({exc})") from None

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedhealth.core.crypto import wire
-from strategies.ciphertext_sum import RunningSum
-from strategies.reply_check import CheckedReply, ReplyRejected
+from strategies.ciphertext_sum import UpdateSum
+from strategies.reply_check import CheckedReply, ReplyRejected, release_arrays
 
 Layout = tuple[str, int]  # (layout hash, ciphertext count) as a reply declares them
 Reject = Callable[[CheckedReply, ReplyRejected], None]
@@ -29,7 +29,7 @@ class _LayoutGroup:
 
     layout: Layout
     declared: int = 0
-    total: RunningSum | None = None
+    total: UpdateSum | None = None
     folded: list[CheckedReply] = field(default_factory=list)  # released: facts without bytes
     held: list[CheckedReply] = field(default_factory=list)  # unparsed, with their bytes
 
@@ -38,7 +38,7 @@ class _LayoutGroup:
 class FoldedRound:
     """What a closed round summed: the running sum, its layout and the replies in it."""
 
-    total: RunningSum
+    total: UpdateSum
     layout_hash: str
     used: tuple[CheckedReply, ...]
 
@@ -46,12 +46,12 @@ class FoldedRound:
 class RoundFold:
     """Folds a round's screened train replies (see module).
 
-    new_sum: a fresh `RunningSum` (serial or `strategies.parallel_sum`'s), one per layout.
+    new_sum: a fresh `UpdateSum` (serial, or over worker processes), one per layout.
     expected: the current global's layout, or None in round 1.
     reject(reply, error): records a reply left out.
     """
 
-    def __init__(self, new_sum: Callable[[], RunningSum], expected: Layout | None,
+    def __init__(self, new_sum: Callable[[], UpdateSum], expected: Layout | None,
                  reject: Reject) -> None:
         self.new_sum = new_sum
         self.expected = expected
@@ -62,6 +62,7 @@ class RoundFold:
         """Fold `reply` (declaring `layout`) if its layout leads; refuse it if it cannot win."""
         if self.expected is not None and layout != self.expected:
             self.reject(reply, _other_layout(layout, self.expected))
+            release_arrays(reply.content)
             return
         group = self.groups.setdefault(layout, _LayoutGroup(layout))
         group.declared += 1
@@ -79,6 +80,7 @@ class RoundFold:
             if group is not leader:
                 for reply in (*group.folded, *group.held):
                     self.reject(reply, _other_layout(group.layout, leader.layout))
+                    release_arrays(reply.content)
         self.groups = {}
         if leader.total is None or not leader.folded:
             return None
@@ -97,6 +99,7 @@ class RoundFold:
                 group.total.fold(reply.content[wire.UPDATE])  # type: ignore[arg-type]
             except ReplyRejected as exc:
                 self.reject(reply, exc)
+                release_arrays(reply.content)
                 continue
             group.folded.append(reply.released())
 

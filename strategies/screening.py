@@ -22,6 +22,7 @@ from strategies.reply_check import (
     ReplyRejected,
     ReplyVerifier,
     check_reply,
+    release_arrays,
 )
 
 CENSUS = "census"  # the kind a census rejection is recorded under
@@ -80,6 +81,8 @@ class ReplyScreen:
                 self._bind(node, reply.site)
             except ReplyRejected as exc:
                 self.reject(KIND_OF.get(message_type, message_type), server_round, node, exc)
+                if message.has_content():
+                    release_arrays(message.content)
                 continue
             del message  # not held while the consumer folds this reply and the next is pulled
             yield reply

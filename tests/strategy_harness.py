@@ -21,7 +21,9 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedhealth.core import fixed_point
 from fedhealth.core.crypto import wire
+from fedhealth.core.crypto.codec import RoundBinding, decrypt_global
 from fedhealth.core.crypto.keys import SiteKey
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.messages import (
@@ -32,6 +34,7 @@ from fedhealth.core.crypto.messages import (
     read_census,
     read_instruction,
 )
+from strategies.encrypted_fedavg import EncryptedFedAvg
 
 Tamper = Callable[[RecordDict, str], RecordDict | None]
 """(reply content, message type) -> a replacement content, or None after editing it in place."""
@@ -110,6 +113,16 @@ class PlainSite(FakeSite):
                            wire.CRYPTO: identity})
 
 
+def delivered(reply: Message, instruction: Message) -> Message:
+    """The reply as the aggregator gets it: its own RecordDict, as a network would give it (the
+    aggregator takes the arrays out of replies it is done with; the site keeps what it sent)."""
+    if reply.has_error():
+        return reply
+    return Message(RecordDict({name: ArrayRecord(dict(record)) if isinstance(record, ArrayRecord)
+                               else record for name, record in reply.content.items()}),
+                   reply_to=instruction)
+
+
 class FakeGrid:
     """Routes each message to its site and keeps every reply the aggregator received.
 
@@ -139,12 +152,29 @@ class FakeGrid:
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        replies = [self.sites[m.metadata.dst_node_id].handle(m)
-                   for m in (self.pushed.pop(i) for i in message_ids if i in self.pushed)]
-        if self.keep_received:
-            self.received.extend(replies)
+        replies = []
+        for message_id in message_ids:
+            if (instruction := self.pushed.pop(message_id, None)) is None:
+                continue
+            reply = self.sites[instruction.metadata.dst_node_id].handle(instruction)
+            if self.keep_received:
+                self.received.append(delivered(reply, instruction))
+            replies.append(delivered(reply, instruction))
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def decrypted_global(strategy: EncryptedFedAvg, key: SiteKey,
+                     layout: TensorLayout) -> dict[str, np.ndarray]:
+    assert strategy.current is not None
+    return decrypt_global(key, strategy.global_record(), layout, strategy.current.weight_sum,
+                          binding=RoundBinding(strategy.training_id, strategy.current.server_round))
+
+
+def grid_error(num_sites: int, weight_sum: float = 1.0) -> float:
+    """How far the exact grid mean may sit from numpy's float mean: every site's term a_k * w is
+    rounded by at most STEP / 2 before the sum is divided by s (`fedhealth.core.fixed_point`)."""
+    return num_sites * fixed_point.STEP / 2 / weight_sum

@@ -6,11 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from strategy_harness import FakeGrid, FakeSite, only, random_tensors
+from strategy_harness import (
+    FakeGrid,
+    FakeSite,
+    decrypted_global,
+    grid_error,
+    only,
+    random_tensors,
+)
 
-from fedhealth.core import fixed_point
 from fedhealth.core.crypto import wire
-from fedhealth.core.crypto.codec import RoundBinding, decrypt_global, encrypt_update
+from fedhealth.core.crypto.codec import encrypt_update
 from fedhealth.core.crypto.keys import (
     SiteKey,
     init_key_files,
@@ -47,13 +53,6 @@ def one_round(strategy: EncryptedFedAvg, grid: FakeGrid, server_round: int = 1
     return arrays
 
 
-def decrypted_global(strategy: EncryptedFedAvg, key: SiteKey,
-                     layout: TensorLayout) -> dict[str, np.ndarray]:
-    assert strategy.current is not None
-    return decrypt_global(key, strategy.global_record(), layout, strategy.current.weight_sum,
-                          binding=RoundBinding(strategy.training_id, strategy.current.server_round))
-
-
 @pytest.mark.parametrize("num_sites", [3, 5, 8])
 def test_decrypted_aggregate_is_numpys_weighted_mean(key_dir: Path, site_key: SiteKey,
                                                      num_sites: int) -> None:
@@ -68,12 +67,6 @@ def test_decrypted_aggregate_is_numpys_weighted_mean(key_dir: Path, site_key: Si
         expected = np.average([0.5 * s.target[name].astype(np.float64) for s in sites],
                               axis=0, weights=counts)
         assert np.max(np.abs(got[name] - expected)) <= grid_error(num_sites)
-
-
-def grid_error(num_sites: int, weight_sum: float = 1.0) -> float:
-    """How far the exact grid mean may sit from numpy's float mean: every site's term a_k * w is
-    rounded by at most STEP / 2 before the sum is divided by s (`fedhealth.core.fixed_point`)."""
-    return num_sites * fixed_point.STEP / 2 / weight_sum
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
