@@ -104,6 +104,7 @@ class EncryptedExchange:
     signer: SigningKey | None
     accepted: PersonalStore  # the last global this site accepted, for this training
     refused_global: int = 0  # the round of a global refused in this exchange, 0 if none
+    received_global: Arrays | None = None  # what `global_shared` gave: a quantized preset's ranges
 
     @classmethod
     def read(cls, content: RecordDict, site: SiteSettings,
@@ -137,15 +138,18 @@ class EncryptedExchange:
             self.refused_global = self.instruction.global_round
             logger.error("round %d: refused the global of round %d, using the last accepted "
                          "one: %s", self.server_round, self.refused_global, exc)
-            return self.accepted.load()
+            self.received_global = self.accepted.load()
+            return self.received_global
         if tensors is not None:
             self.accepted.save(tensors)
+        self.received_global = tensors
         return tensors
 
     def train_reply(self, shared: Arrays, num_examples: int, metrics: Mapping[str, float],
                     site: str) -> RecordDict:
         return build_reply(self.key, self.instruction, shared, num_examples, metrics, site,
-                           signer=self.signer, refused_global=self.refused_global)
+                           signer=self.signer, refused_global=self.refused_global,
+                           received=self.received_global)
 
     def evaluate_reply(self, num_examples: int, metrics: Mapping[str, float],
                        site: str) -> RecordDict:

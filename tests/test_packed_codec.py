@@ -143,10 +143,52 @@ def test_a_value_beyond_the_quantizers_range_is_refused_not_wrapped(
         encrypt_update(site, ok, 0.5, weight_sum_bound=2.0)
 
 
+def test_ranges_follow_the_received_global(packed: tuple[SiteKey, AggregatorKey]) -> None:
+    """A ciphertext of running variances near 5 and one of weights near 0.1 each get 2^12 steps
+    over their own range, derived from the global the sites received; beyond it is refused."""
+    site, aggregator = packed
+    quantization = site.preset.quantization
+    assert quantization is not None
+    per = Packing.of(1, site.preset).params_per_ciphertext
+    rng = np.random.default_rng(3)
+    received = {"bn.running_var": rng.uniform(4.0, 5.0, per).astype(np.float32),
+                "conv.weight": rng.uniform(-0.1, 0.1, per).astype(np.float32)}
+    ranges = [quantization.range_bits(5.0), quantization.range_bits(0.1)]
+    assert ranges == [5, 0]  # 4x room above the received global, at least 2^floor_bits
+    updates = [{"bn.running_var": received["bn.running_var"] * f,
+                "conv.weight": received["conv.weight"] * f} for f in (3.0, 5.0)]
+    weights = [0.5, 0.5]
+    total = sum_updates(aggregator, [encrypt_update(site, u, a, received=received)
+                                     for u, a in zip(updates, weights, strict=True)])
+    assert total is not None
+    got = decrypt_global(site, wire.ciphertexts_to_record(total.ciphertexts),
+                         TensorLayout.of(received), 1.0)
+    for name, r in zip(received, ranges, strict=True):
+        exact = np.mean([u[name].astype(np.float64) for u in updates], axis=0)
+        assert np.max(np.abs(got[name] - exact)) <= quantization.mean_error(2, 1.0, r), name
+    assert quantization.mean_error(2, 1.0, ranges[1]) < quantization.mean_error(2, 1.0) / 3
+
+    with pytest.raises(HeadroomError, match="tensor 'conv.weight' holds"):
+        encrypt_update(site, {**updates[0], "conv.weight": received["conv.weight"] * 11},
+                       0.5, received=received)
+
+
+def test_sites_that_received_different_globals_are_refused(
+        packed: tuple[SiteKey, AggregatorKey]) -> None:
+    site, aggregator = packed
+    update = {"w": np.full(100, 0.05, dtype=np.float32)}
+    total = sum_updates(aggregator, [encrypt_update(site, update, 0.5, received=update),
+                                     encrypt_update(site, update, 0.5, received=None)])
+    assert total is not None
+    with pytest.raises(IntegrityError, match="different ranges"):
+        decrypt_global(site, wire.ciphertexts_to_record(total.ciphertexts),
+                       TensorLayout.of(update), 1.0)
+
+
 def test_a_preset_whose_digits_do_not_fit_is_refused() -> None:
     with pytest.raises(HeadroomError, match="does not fit"):
-        CkksPreset("too-fine", 4096, (60, 49), 17,
-                   quantization=Quantization(range_bits=20, fraction_bits=30, max_sites=32))
+        CkksPreset("too-fine", 4096, (60, 49), 17, quantization=Quantization(
+            level_bits=50, first_bits=2, floor_bits=0, margin_bits=2, max_sites=32))
 
 
 def test_a_damaged_packed_ciphertext_is_refused(packed: tuple[SiteKey, AggregatorKey]) -> None:

@@ -106,18 +106,29 @@ def check_gain(preset: CkksPreset) -> float:
     return 2.0 ** max(0, CHECK_SCALE_BITS - preset.scale_bits)
 
 
+COUNT, RANGE, RANGE_SQUARED = CHECK_VALUES, CHECK_VALUES + 1, CHECK_VALUES + 2
+"""Columns of a quantized preset's reserved values: the site count K (each site encrypts 1),
+and the ciphertext's range bits r and r^2: the sums are K r and K r^2 exactly when the sites
+agree on r, and any disagreement leaves a variance sum(r^2)/K - (sum(r)/K)^2 > 0."""
+
+
+RANGE_SPREAD_TOLERANCE = 1e-4
+"""Largest |sum(r^2)/K - (sum(r)/K)^2| accepted: one site of 32 off by one bit leaves 0.03."""
+
+
 def reserved_values(preset: CkksPreset) -> int:
-    """Values reserved per ciphertext: the check values, and the site count if quantized."""
-    return CHECK_VALUES + (preset.quantization is not None)
+    """Values reserved per ciphertext: the check values, and if quantized COUNT and RANGE(S)."""
+    return CHECK_VALUES + (3 if preset.quantization is not None else 0)
 
 
-def reserved_rows(preset: CkksPreset, binding: RoundBinding, ciphertexts: range,
-                  weight: float) -> np.ndarray:
-    """What a site encrypts in the reserved values of `ciphertexts`: weight * c (and 1), times
-    the preset's check gain."""
+def reserved_rows(preset: CkksPreset, binding: RoundBinding, ciphertexts: range, weight: float,
+                  range_bits: np.ndarray) -> np.ndarray:
+    """What a site encrypts in the reserved values of `ciphertexts`: weight * c (and 1 and r),
+    times the preset's check gain."""
     rows = check_values(binding, len(ciphertexts), ciphertexts.start) * weight
     if preset.quantization is not None:
-        rows = np.hstack([rows, np.ones((len(rows), 1))])
+        r = np.reshape(range_bits, (-1, 1)).astype(np.float64)
+        rows = np.hstack([rows, np.ones_like(r), r, r * r])
     return rows * check_gain(preset)
 
 
@@ -248,6 +259,7 @@ class _EncodeJob:
     weight: float
     binding: RoundBinding
     seed: int  # stochastic rounding's, drawn per ciphertext
+    range_bits: np.ndarray  # a quantized preset's r per ciphertext (empty otherwise)
 
 
 def _encode(key: SiteKey, job: _EncodeJob) -> list[bytes]:
@@ -260,14 +272,16 @@ def _encode(key: SiteKey, job: _EncodeJob) -> list[bytes]:
         per = packing.params_per_ciphertext
         noise = np.concatenate([np.random.default_rng((job.seed, i)).random(per)
                                 for i in job.ciphertexts])[:len(job.values)]
-        counts = packed_digits.quantize(job.values, job.weight, preset.quantization, noise)
+        counts = packed_digits.quantize(job.values, job.weight, preset.quantization.level_bits,
+                                        np.repeat(job.range_bits, per)[:len(job.values)], noise)
         reals = packed_digits.pack(counts, preset.quantization.digit_bits, preset.digits_per_real)
-    return encrypt_vector(key, packing.join(reals, reserved_rows(preset, job.binding,
-                                                                 job.ciphertexts, job.weight)))
+    return encrypt_vector(key, packing.join(reals, reserved_rows(
+        preset, job.binding, job.ciphertexts, job.weight, job.range_bits)))
 
 
 def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: float,
                    *, binding: RoundBinding = UNBOUND, weight_sum_bound: float = 1.0,
+                   received: Mapping[str, np.ndarray] | None = None,
                    workers: int | None = None) -> ArrayRecord:
     """E(weight * tensors on the grid, weight * check values of `binding`) as an ArrayRecord.
 
@@ -276,16 +290,35 @@ def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: floa
     (their sum s * c must come out as the site predicts it). `weight_sum_bound` bounds s = sum
     of all sites' weights (1 for the strategy's normalised a_k); the headroom check refuses
     values whose encrypted sum could overflow, a quantized preset any value beyond its range.
-    `workers`: processes to encrypt with (None: `chunk_pool.default_workers()`).
+    `received`: the global this site decrypted this round (None in round 1), from which a
+    quantized preset derives each ciphertext's range (`presets.Quantization`); every site
+    must give the same one. `workers`: processes to encrypt with (None:
+    `chunk_pool.default_workers()`).
     """
     layout = TensorLayout.of(tensors)
     vector = layout.flatten(tensors)
-    _check_headroom(key.preset, layout, vector, weight, weight_sum_bound)
     packing = Packing.of(len(vector), key.preset)
+    range_bits = _range_bits(key.preset, packing, layout, received)
+    _check_headroom(key.preset, layout, packing, vector, range_bits, weight, weight_sum_bound)
     seed = zlib.crc32(vector[::SEED_STRIDE].tobytes(), zlib.crc32(repr((binding, weight)).encode()))
-    jobs = [_EncodeJob(vector[packing.params_of(r, len(vector))], r, weight, binding, seed)
-            for r in _ranges(packing.ciphertexts, workers)]
+    jobs = [_EncodeJob(vector[packing.params_of(r, len(vector))], r, weight, binding, seed,
+                       range_bits[r.start:r.stop]) for r in _ranges(packing.ciphertexts, workers)]
     return ciphertexts_to_record(_encode_all(key, jobs))
+
+
+def _range_bits(preset: CkksPreset, packing: Packing, layout: TensorLayout,
+                received: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """A quantized preset's r for every ciphertext, from the received global (empty otherwise)."""
+    if preset.quantization is None:
+        return np.zeros(0, dtype=np.int64)
+    quantization = preset.quantization
+    if received is None:
+        return np.full(packing.ciphertexts, quantization.first_bits, dtype=np.int64)
+    reference = np.abs(layout.flatten(received))
+    per = packing.params_per_ciphertext
+    return np.array([quantization.range_bits(float(np.max(reference[i * per:(i + 1) * per],
+                                                          initial=0.0)))
+                     for i in range(packing.ciphertexts)], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -336,21 +369,23 @@ def _ciphertext_bytes(preset: CkksPreset) -> int:
     return 2 * preset.poly_modulus_degree * (len(preset.coeff_mod_bit_sizes) - 1) * 8 + 4096
 
 
-def _check_headroom(preset: CkksPreset, layout: TensorLayout, vector: np.ndarray, weight: float,
+def _check_headroom(preset: CkksPreset, layout: TensorLayout, packing: Packing,
+                    vector: np.ndarray, range_bits: np.ndarray, weight: float,
                     weight_sum_bound: float) -> None:
     """HeadroomError unless every weighted value and every sum of them fits the preset."""
     if preset.quantization is None:
         largest = float(np.max(np.abs(vector), initial=1.0))
         preset.check_headroom(largest * max(weight_sum_bound, weight))
         return
-    quantization = preset.quantization
     if max(weight_sum_bound, weight) > 1:
         raise HeadroomError(f"CKKS preset '{preset.name}' packs digits sized for weights summing "
                             f"to at most 1, not {max(weight_sum_bound, weight):g}: normalise a_k")
-    index = packed_digits.out_of_range(vector, quantization)
+    per_value = np.repeat(range_bits, packing.params_per_ciphertext)[:len(vector)]
+    index = packed_digits.out_of_range(vector, per_value)
     if index is not None:
         raise HeadroomError(
-            f"CKKS preset '{preset.name}' quantizes |w| <= {quantization.largest:g}: tensor "
+            f"CKKS preset '{preset.name}' quantizes ciphertext {index // packing.params_per_ciphertext}"
+            f" to |w| <= {2.0 ** per_value[index]:g} (from the received global): tensor "
             f"'{layout.name_at(index)}' holds {vector[index]:.6g}, which would wrap into the "
             "next digit; refused. Use a preset without quantization (default) for this model")
 
@@ -383,10 +418,15 @@ def _decode(key: SiteKey, job: _DecodeJob) -> _Decoded:
     if preset.quantization is None:
         sums, distance = fixed_point.nearest(reals)
         return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, 0)
+    quantization = preset.quantization
     integers, distance = fixed_point.nearest(reals, grid_bits=0)
-    counts, carried = packed_digits.unpack(integers, preset.quantization.digit_bits,
+    counts, carried = packed_digits.unpack(integers, quantization.digit_bits,
                                            preset.digits_per_real, job.params)
-    sums = np.ldexp(counts.astype(np.float64), -preset.quantization.fraction_bits)  # exact
+    # r as the sites encrypted it (decrypt_global refuses the global if they disagreed)
+    range_bits = np.rint(reserved[:, RANGE] / np.maximum(np.rint(reserved[:, COUNT]), 1))
+    exponents = np.repeat(range_bits.astype(np.int64) - quantization.level_bits,
+                          packing.params_per_ciphertext)[:job.params]
+    sums = np.ldexp(counts.astype(np.float64), exponents)  # exact: a power of two times an integer
     return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, carried)
 
 
@@ -458,7 +498,7 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
     reserved = np.concatenate([p.reserved for p in parts])
     verify_checks(reserved[:, :CHECK_VALUES], binding, weight_sum)
     if preset.quantization is not None:
-        _verify_count(reserved[:, CHECK_VALUES], preset, binding)
+        _verify_count(reserved, preset, binding)
     try:
         fixed_point.GridDistance.combine([p.distance for p in parts]).check()
     except fixed_point.OffGridError as exc:
@@ -492,9 +532,11 @@ def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -
         "position entered the sum")
 
 
-def _verify_count(counts: np.ndarray, preset: CkksPreset, binding: RoundBinding) -> None:
-    """The summed site count: one whole number, the same in every ciphertext, <= max_sites."""
+def _verify_count(reserved: np.ndarray, preset: CkksPreset, binding: RoundBinding) -> None:
+    """The summed site count: one whole number, the same in every ciphertext, <= max_sites; and
+    every ciphertext's range bits one whole r at every site (sum r = K r, sum r^2 = K r^2)."""
     assert preset.quantization is not None
+    counts = reserved[:, COUNT]
     summed = np.rint(counts)
     if not (np.all(np.abs(counts - summed) <= CHECK_TOLERANCE) and np.all(summed == summed[0])
             and 1 <= summed[0] <= preset.quantization.max_sites):
@@ -502,6 +544,16 @@ def _verify_count(counts: np.ndarray, preset: CkksPreset, binding: RoundBinding)
             f"the global of round {binding.server_round} counts {np.unique(counts)[:3]} summed "
             f"updates, preset '{preset.name}' holds 1 to {preset.quantization.max_sites} "
             "without a carry between its packed digits: the aggregator summed too many sites")
+    per_site = reserved[:, RANGE] / summed[0]
+    spread = reserved[:, RANGE_SQUARED] / summed[0] - per_site**2  # 0 when the sites agreed
+    disagree = ~((np.abs(per_site - np.rint(per_site)) <= CHECK_TOLERANCE)
+                 & (np.abs(spread) <= RANGE_SPREAD_TOLERANCE))
+    if disagree.any():
+        raise IntegrityError(
+            f"the global of round {binding.server_round}: its sites quantized ciphertext "
+            f"ct-{int(np.argmax(disagree)):05d} to different ranges (mean range bits "
+            f"{per_site[np.argmax(disagree)]:.4g}): they did not derive them from the same "
+            "received global")
 
 
 def _count(params: slice) -> int:

@@ -110,14 +110,16 @@ def _field(record: ConfigRecord, name: str, kind: type[T], default: T | None = N
 
 def build_reply(key: SiteKey, instruction: Instruction, tensors: Mapping[str, np.ndarray],
                 num_examples: int, metrics: Mapping[str, float], site: str, *,
-                signer: SigningKey | None = None, refused_global: int = 0) -> RecordDict:
+                signer: SigningKey | None = None, refused_global: int = 0,
+                received: Mapping[str, np.ndarray] | None = None) -> RecordDict:
     """A train reply: E(a_k * tensors) with check values for this round, plaintext metrics,
     layout hash, key fingerprint, and the signature over what it states.
 
     `refused_global`: the round of a global this site refused (failed check values), 0 if none.
+    `received`: the global the site trained from (`codec.encrypt_update`), None in round 1.
     """
     weight = instruction.site_weight
-    update = encrypt_update(key, tensors, weight, binding=instruction.binding)
+    update = encrypt_update(key, tensors, weight, binding=instruction.binding, received=received)
     crypto = ConfigRecord({
         wire.SITE: site, wire.FINGERPRINT: key.fingerprint,
         wire.LAYOUT_HASH: TensorLayout.of(tensors).hash, wire.SITE_WEIGHT: float(weight),

@@ -10,33 +10,30 @@ that a sum of `max_sites` updates stays inside its digit.
 
 Quantization is stochastic rounding, q = floor(a_k w / step + u) with u uniform in [0, 1): unbiased
 (E[q] step = a_k w), so the rounding noise of the mean averages out over sites and rounds
-instead of pushing every parameter the same way, and |q step - a_k w| < step.
+instead of pushing every parameter the same way, and |q step - a_k w| < step. The step is a
+power of two per ciphertext (`presets.Quantization`): a tensor of BatchNorm running variances
+near 5 and one of convolution weights near 0.1 each get 2^12 steps over their own range.
 """
 
 import numpy as np
 
-from fedhealth.core.crypto.presets import HeadroomError, Quantization
 
-
-def quantize(values: np.ndarray, weight: float, quantization: Quantization,
+def quantize(values: np.ndarray, weight: float, level_bits: int, range_bits: np.ndarray,
              noise: np.ndarray) -> np.ndarray:
-    """Integer counts of `step` for weight * values, stochastically rounded with `noise` in [0, 1).
+    """Integer counts of steps 2^(range_bits - level_bits) (one range per value) for
+    weight * values, stochastically rounded with `noise` in [0, 1).
 
-    Refuses (HeadroomError) any |value| beyond `quantization.largest` and a weight above 1:
-    a digit sized for s <= 1 could otherwise overflow into its neighbour. Callers name the
-    tensor (`out_of_range` finds it first).
+    Callers refuse values beyond their range first (`out_of_range`), and weights above 1: a
+    digit sized for s <= 1 could otherwise overflow into its neighbour.
     """
-    if not 0 <= weight <= 1:
-        raise HeadroomError(f"site weight {weight} is outside [0, 1]: the packed digits are sized "
-                            "for weights that sum to at most 1")
     scaled = np.ldexp(np.asarray(values, dtype=np.float64) * float(weight),
-                      quantization.fraction_bits)
+                      level_bits - np.asarray(range_bits, dtype=np.int64))
     return np.floor(scaled + noise).astype(np.int64)
 
 
-def out_of_range(values: np.ndarray, quantization: Quantization) -> int | None:
-    """Index of the first value beyond the quantizer's range (NaN and inf included), or None."""
-    bad = ~(np.abs(values) <= quantization.largest)
+def out_of_range(values: np.ndarray, range_bits: np.ndarray) -> int | None:
+    """Index of the first |value| beyond 2^range_bits (NaN and inf included), or None."""
+    bad = ~(np.abs(values) <= np.ldexp(1.0, np.asarray(range_bits, dtype=np.int64)))
     return int(np.argmax(bad)) if bad.any() else None
 
 

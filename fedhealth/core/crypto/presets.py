@@ -20,30 +20,30 @@ class HeadroomError(ValueError):
 
 @dataclass(frozen=True)
 class Quantization:
-    """Each site's a_k * w as an integer count of `step`s (stochastic rounding), for |w| <= `largest`.
+    """Each site's a_k * w as an integer count of steps (stochastic rounding), packed as digits.
+
+    Ranges. Every ciphertext has its own range 2^r (|w| <= 2^r is sent; beyond it is refused,
+    never wrapped) split into 2^level_bits steps each side. Sites derive r from the global they
+    received, which every site decrypted to the same bits: the ciphertext's largest |value|
+    there, times 2^margin_bits (room for one round of training), at least 2^floor_bits; with
+    no global (round 1, every site starts from the run seed's model) r = first_bits. Each site
+    encrypts r beside its data, so a global says which ranges it was made with.
 
     The aggregator needs none of this (it adds ciphertexts); sites derive everything from the
     preset, which is part of the federation's key files. `max_sites` is a promise the
     aggregator must keep (sum at most that many updates); sites verify it after decrypting.
     """
 
-    range_bits: int  # |w| <= 2^range_bits is sent; anything beyond is refused, never wrapped
-    fraction_bits: int  # step = 2^-fraction_bits
+    level_bits: int  # steps per range: |a_k w| / step <= 2^level_bits for a_k <= 1
+    first_bits: int  # r without a received global
+    floor_bits: int  # the smallest r
+    margin_bits: int  # r exceeds the received global's largest value by this many bits
     max_sites: int
-
-    @property
-    def step(self) -> float:
-        return 2.0**-self.fraction_bits
-
-    @property
-    def largest(self) -> float:
-        """The largest |w| a site may send."""
-        return 2.0**self.range_bits
 
     @property
     def levels(self) -> int:
         """Largest |sum_k a_k w_k| / step over sites with s = sum a_k <= 1."""
-        return 2 ** (self.range_bits + self.fraction_bits)
+        return 2**self.level_bits
 
     @property
     def largest_digit(self) -> int:
@@ -57,10 +57,27 @@ class Quantization:
         decoding gives every digit back without a carry into its neighbour."""
         return self.largest_digit.bit_length() + 1
 
-    def mean_error(self, sites: int, weight_sum: float) -> float:
-        """Bound on |decrypted mean - exact weighted mean|: each site's term moves by less than
-        one step, and the sum is divided by s."""
-        return sites * self.step / weight_sum
+    def range_bits(self, received_largest: float | None) -> int:
+        """r for a ciphertext whose values' largest |value| in the received global is given."""
+        if received_largest is None:
+            return self.first_bits
+        if not received_largest > 0:  # all zeros
+            return self.floor_bits
+        return max(self.floor_bits, math.ceil(math.log2(received_largest)) + self.margin_bits)
+
+    @property
+    def largest(self) -> float:
+        """The largest |w| a site may send without a received global."""
+        return 2.0**self.first_bits
+
+    def step(self, range_bits: int) -> float:
+        return 2.0 ** (range_bits - self.level_bits)
+
+    def mean_error(self, sites: int, weight_sum: float, range_bits: int | None = None) -> float:
+        """Bound on |decrypted mean - exact weighted mean| in a ciphertext of range 2^range_bits
+        (first_bits if None): each site's term moves by less than one step, and the sum is
+        divided by s."""
+        return sites * self.step(self.first_bits if range_bits is None else range_bits) / weight_sum
 
 
 @dataclass(frozen=True)
@@ -94,8 +111,8 @@ class CkksPreset:
             raise HeadroomError(
                 f"CKKS preset '{self.name}': a digit of {self.quantization.digit_bits} bits "
                 f"(levels {self.quantization.levels} + {self.quantization.max_sites} sites) does "
-                f"not fit in {self.headroom_bits} bits of headroom; lower range_bits, "
-                "fraction_bits, max_sites or scale_bits"
+                f"not fit in {self.headroom_bits} bits of headroom; lower level_bits, "
+                "max_sites or scale_bits"
             )
 
     @property
@@ -154,11 +171,11 @@ PRESETS: dict[str, CkksPreset] = {
         # NVIDIA FLARE's defaults and packing (TenSEAL real vectors), kept for comparison:
         # 100 data-level bits, ~57 B/param once SEAL's zstd squeezes the 40-bit primes.
         CkksPreset("nvflare", 8192, (60, 40, 40), 40, complex_slots=False),
-        # Seeded, quantized and packed: |w| <= 4 on a grid of 2^-10, at most 32 sites. Scale 2^17
-        # keeps the CKKS noise of a 32-site sum below 0.03 of an integer (measured, 625 * sqrt(K)
-        # / 2^17), leaving 42 bits of headroom per real: 3 digits of 14 bits, ~2.7 B/param.
-        CkksPreset("packed", 4096, (60, 49), 17, seeded=True,
-                   quantization=Quantization(range_bits=2, fraction_bits=10, max_sites=32)),
+        # Seeded, quantized and packed: 2^12 steps per range and side, at most 32 sites. Scale
+        # 2^17 keeps the CKKS noise of a 32-site sum below 0.03 of an integer (measured: 625 *
+        # sqrt(K) / 2^17), leaving 42 bits of headroom per real: 3 digits of 14 bits, 2.7 B/param.
+        CkksPreset("packed", 4096, (60, 49), 17, seeded=True, quantization=Quantization(
+            level_bits=12, first_bits=2, floor_bits=0, margin_bits=2, max_sites=32)),
     )
 }
 
