@@ -114,6 +114,44 @@ def test_the_limit_is_a_site_check_option_and_a_site_setting(site: Path) -> None
         load_site(site, limits=DataLimits(max_image_mb=0.008))
 
 
+def test_frames_count_in_the_declared_size_before_decoding(tmp_path: Path) -> None:
+    """A 2-frame RGB file claiming 100000 frames is refused from its header (100000 x 100 x 100
+    x 3 samples = 3 GB), not decoded; under the limit, frames it does not hold fail the decode."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_2frame.dcm"))
+    ds.NumberOfFrames = 100000
+    ds.save_as(tmp_path / "many.dcm")
+    ds.NumberOfFrames = 3
+    ds.save_as(tmp_path / "three.dcm")
+    reasons = _reasons(_check_json(str(tmp_path)))
+    assert reasons[str(tmp_path / "many.dcm")].startswith(
+        "declared image size 100 x 100 x 100000 frames x 3 samples x 8 bits = 3,000.0 MB")
+    assert reasons[str(tmp_path / "three.dcm")].startswith("pixel data cannot be decoded")
+
+
+def test_a_palette_without_its_colour_table_is_skipped_by_both(site: Path) -> None:
+    victim = site / "export" / "palette.dcm"
+    ds = pydicom.dcmread(get_testdata_file("OBXXXX1A.dcm"))
+    ds.PatientID, ds.StudyInstanceUID = "HOSTILE", "1.2.826.0.1.3680043.99.3"
+    del ds.RedPaletteColorLookupTableData
+    ds.save_as(victim)
+    reason = _reasons(_check_json(str(site)))[str(victim)]
+    assert reason.startswith("PALETTE COLOR image whose colour table cannot be applied")
+    assert str(victim) not in _loaded_paths(load_site(site))
+
+
+@pytest.mark.parametrize(("photometric", "samples", "problem"), [
+    ("CMYK", 4, "PhotometricInterpretation CMYK: the site reads"),
+    ("RGB", 1, "RGB with SamplesPerPixel 1: RGB has 3"),
+    ("YBR_ICT", 3, "YBR_ICT in Explicit VR Little Endian: that colour transform exists only"),
+])
+def test_colour_models_the_site_cannot_convert_are_named(tmp_path: Path, photometric: str,
+                                                         samples: int, problem: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb.dcm"))
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = photometric, samples
+    ds.save_as(tmp_path / "colour.dcm")
+    assert _reasons(_check_json(str(tmp_path)))[str(tmp_path / "colour.dcm")].startswith(problem)
+
+
 # ------------------------------------------------------------------ values and shapes after decoding
 @pytest.mark.parametrize("slope", ["NaN", "inf", "-inf"])
 def test_non_finite_rescale_skips_the_file_naming_it(site: Path, slope: str) -> None:
