@@ -3,7 +3,9 @@
 A SEG in the site folder names the series it segments (ReferencedSeriesSequence); its frames
 are matched to the volume's slices by the referenced SOP instances (classic series) or the
 referenced frame numbers (an Enhanced object), through highdicom, never by frame order. So a SEG
-that does not cover the volume it names is refused with the reason, not misaligned.
+that references none of the volume's instances is refused with the reason, not read as an
+empty mask (highdicom fills instances a SEG does not cover with zeros, as it must: a SEG leaves
+out frames without a segment).
 """
 
 import os
@@ -48,6 +50,11 @@ def seg_mask(path: Path | str, volume: Volume) -> np.ndarray:
     """The SEG's segments (any segment = 1) on `volume`'s grid: uint8 (rows, columns, slices)."""
     try:
         seg = hd.seg.segread(path)
+        referenced = {str(sop) for _, series, sop in seg.get_source_image_uids()
+                      if str(series) == volume.series_uid}
+        if not referenced & {f.sop_uid for f in volume.frames}:
+            raise MaskProblem(f"DICOM SEG {path} references no instance of series "
+                              f"{volume.series_uid}: it segments another series")
         if volume.enhanced:
             pixels = seg.get_pixels_by_source_frame(
                 source_sop_instance_uid=volume.frames[0].sop_uid,
@@ -57,6 +64,8 @@ def seg_mask(path: Path | str, volume: Volume) -> np.ndarray:
             pixels = seg.get_pixels_by_source_instance(
                 source_sop_instance_uids=[f.sop_uid for f in volume.frames],
                 combine_segments=True, assert_missing_frames_are_empty=True)
+    except MaskProblem:
+        raise
     except Exception as err:  # highdicom raises ValueError/KeyError/AttributeError for a bad SEG
         raise MaskProblem(f"DICOM SEG {path} cannot be read onto series {volume.series_uid} "
                           f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
