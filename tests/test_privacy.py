@@ -259,3 +259,38 @@ def test_dp_sgd_trains_a_groupnorm_model_and_accounts_its_steps(synth_federation
     [release] = dp_sgd_releases(policy, settings, splits.train)
     batches = math.ceil(len(splits.train) / settings.batch_size)  # type: ignore[arg-type]
     assert release == GaussianRelease(1.0, 1 / batches, settings.local_epochs * batches)
+
+
+# ------------------------------------------------------------------ compare --dp
+
+
+def _run(noise: float, balanced: float, spent: float | None) -> dict[str, object]:
+    per_site = {"hospital-1": {"balanced_accuracy": balanced, "balanced_accuracy_se": 0.01}}
+    return {"strategy": "fedbn", "encrypted": True, "seed": 0, "seconds": 1.0, "rounds": 2,
+            "per_site": per_site, "uplink_bytes_per_round": 10,
+            "privacy": {"noise_multiplier": noise, "epsilon": spent, "delta": DELTA}}
+
+
+def test_noise_levels_are_rows_with_their_epsilon_and_plot(tmp_path: Path) -> None:
+    from fedhealth.app.report import plot_privacy, results_table
+    from fedhealth.app.summary import summarize
+
+    runs = [_run(0.0, 0.9, None), _run(0.3, 0.7, 88.0), _run(1.0, 0.55, 16.5)]
+    rows = summarize(runs)
+    assert [r.label for r in rows] == ["fedbn (encrypted)", "fedbn (encrypted, DP z=0.3)",
+                                       "fedbn (encrypted, DP z=1)"]
+    assert [r.epsilon for r in rows] == [None, 88.0, 16.5]
+    assert "epsilon" in [c.header for c in results_table(runs).columns]
+    assert plot_privacy(runs, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_compare_refuses_bad_noise_levels_before_running() -> None:
+    from typer.testing import CliRunner
+
+    from fedhealth.app.cli import app
+    from fedhealth.app.compare import parse_noise_levels
+
+    assert parse_noise_levels("0, 0.5,1") == [0.0, 0.5, 1.0]
+    result = CliRunner().invoke(app, ["compare", "--data", ".", "--out", "r.json",
+                                      "--dp", "0,-1"])
+    assert result.exit_code == 2 and "numbers >= 0" in result.output
