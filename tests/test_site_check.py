@@ -12,7 +12,8 @@ from fedhealth.core.synth import synthesize_federation
 from sites.site_check import check_site
 
 FIELDS = {"site", "path", "labels_file", "files", "images", "patients", "studies", "modalities",
-          "manufacturers", "labels", "skipped"}
+          "manufacturers", "labels", "skipped", "series", "volumes", "segmentations",
+          "series_skipped"}
 PYDICOM_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
 
 
@@ -35,6 +36,20 @@ def test_counts_match_what_synth_wrote(tmp_path: Path) -> None:
                      for c in (0, 1)}
         assert per_class == summary.labels
         assert set(report["labels"]) == {"train", "val", "test"}
+        assert (report["volumes"], report["series"]) == (0, summary.studies)  # a 2D site
+
+
+def test_a_synthetic_ct_federation_passes_with_one_volume_per_series(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--modality", "CT",
+                                      "--series-per-site", "3", "--image-size", "16",
+                                      "--seg-masks"])
+    assert result.exit_code == 0, result.output
+    for site in sorted(tmp_path.iterdir()):
+        report = _check_json(str(site))
+        assert report["skipped"] == [] and report["series_skipped"] == []
+        assert report["volumes"] == report["series"] == report["studies"] == 3
+        assert report["segmentations"] == 3  # every SEG is its series' mask
+        assert report["files"] == len([p for p in site.rglob("*") if p.is_file()]) - 1  # labels
 
 
 def test_pydicom_corpus_is_fully_accounted_for() -> None:
