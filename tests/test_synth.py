@@ -106,3 +106,29 @@ def test_existing_hospital_folder_is_refused_or_replaced_whole(tmp_path: Path) -
     assert not stale.exists()
     rows = (tmp_path / "hospital-1" / "labels.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 4
+
+
+def test_ct_hospitals_write_hu_series_with_their_vendor_protocol(tmp_path: Path) -> None:
+    from fedhealth.core.synth.ct_federation import synthesize_ct
+    from fedhealth.core.synth.ct_vendors import CT_VENDORS
+
+    for run in ("a", "b"):
+        summaries = synthesize_ct(tmp_path / run, 3, 5, series_per_site=4, image_size=16)
+    classic = {k: v for k, v in _digests(tmp_path / "a").items() if "ENHANCED" not in k}
+    assert classic == {k: v for k, v in _digests(tmp_path / "b").items() if k in classic}
+    for summary, vendor in zip(summaries, CT_VENDORS):
+        files = [pydicom.dcmread(p) for p in sorted((tmp_path / "a" / summary.name).rglob("*"))
+                 if p.is_file() and p.suffix != ".csv"]
+        slices = [ds for ds in files if ds.SOPClassUID.name == "CT Image Storage"]
+        enhanced = [ds for ds in files if "Enhanced" in ds.SOPClassUID.name]
+        assert len(enhanced) == summary.enhanced and len(slices) + sum(
+            int(ds.NumberOfFrames) for ds in enhanced) == summary.slices
+        assert {(ds.PatientPosition, ds.ConvolutionKernel, float(ds.SliceThickness))
+                for ds in slices} <= {(vendor.patient_position, vendor.kernel,
+                                       vendor.slice_thickness_mm)}
+        hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                       for ds in slices]) if slices else np.zeros(1)
+        assert slices == [] or (hu.min() < -900 and hu.max() > 30)  # air and tissue, in HU
+    assert summaries[2].enhanced > 0 and summaries[1].patient_position == "FFS"
+    labels = list(csv.DictReader((tmp_path / "a" / "hospital-1" / "labels.csv").open()))
+    assert {"StudyInstanceUID", "SeriesInstanceUID", "label"} <= set(labels[0])
