@@ -135,10 +135,11 @@ def federation_run(
 
     try:
         bundle = CoordinatorBundle.load(dir)
-        run_id = launch.submit_run(bundle, app or default_app_dir(), run_config or [])
+        run_id, results_dir = launch.submit_run(bundle, app or default_app_dir(),
+                                                run_config or [])
     except (BundleError, ConfigError, FlowerError) as err:
         raise _fail(str(err)) from None
-    console.print(f"run {run_id} submitted; results go to {bundle.results_dir}")
+    console.print(f"run {run_id} submitted; results go to {results_dir}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("rounds"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -155,8 +156,8 @@ def federation_run(
     if status != COMPLETED:
         raise _fail(f"run {run_id} ended as '{status}'; see `flwr log {run_id}` with "
                     f"FLWR_HOME={bundle.root / 'flwr-home'}", code=1)
-    console.print(f"[green]run {run_id} completed[/green]; results in {bundle.results_dir}")
-    _print_results(bundle.results_dir)
+    console.print(f"[green]run {run_id} completed[/green]; results in {results_dir}")
+    _print_results(results_dir)
 
 
 def _print_results(results_dir: Path) -> None:

@@ -137,10 +137,10 @@ def run_overrides(bundle: CoordinatorBundle, extra: list[str]) -> list[str]:
             f'expected-sites={len(bundle.sites)}', *extra]
 
 
-def submit_run(bundle: CoordinatorBundle, app_dir: Path, overrides: list[str]) -> int:
+def submit_run(bundle: CoordinatorBundle, app_dir: Path, overrides: list[str]) -> tuple[int, Path]:
     """`flwr run APP` with the run config, checked first (a ConfigError names the field); the
-    run id."""
+    run id and the folder its results go to (the bundle's, unless `overrides` set out-dir)."""
     run_config = run_overrides(bundle, overrides)
-    submitted_run_config(app_dir, run_config)
-    bundle.results_dir.mkdir(exist_ok=True)
-    return coordinator_cli(bundle).submit(app_dir, run_config)
+    results_dir = Path(submitted_run_config(app_dir, run_config).out_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    return coordinator_cli(bundle).submit(app_dir, run_config), results_dir
