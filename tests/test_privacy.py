@@ -294,3 +294,23 @@ def test_compare_refuses_bad_noise_levels_before_running() -> None:
     result = CliRunner().invoke(app, ["compare", "--data", ".", "--out", "r.json",
                                       "--dp", "0,-1"])
     assert result.exit_code == 2 and "numbers >= 0" in result.output
+
+
+def test_a_dp_sgd_round_through_the_clientapp_audits_opacus_s_sample_epsilon(
+        synth_federation: Path, key_dir: Path, tmp_path: Path) -> None:
+    from sites.dataset import load_site
+
+    config = replace(CONFIG, encrypted=False, policy="fedbn", dp_noise_multiplier=0.0,
+                     dp_sgd_noise_multiplier=1.5, dp_sgd_clip_norm=1.0)
+    context = _context(synth_federation / "hospital-1", tmp_path, key_dir / wire.SITE_KEY_FILE)
+    reply = client_app.train(_instruction(config, None, 1), context)
+    assert not reply.has_error(), reply.error
+    assert not any("running" in name for name in reply.content[wire.ARRAYS])  # GroupNorm
+    [audited] = [e for e in AuditLog(tmp_path / "audit.jsonl").entries() if e["kind"] == "privacy"]
+    train = load_site(synth_federation / "hospital-1", image_size=32, seed=0).train
+    batches = math.ceil(len(train) / config.batch_size)  # type: ignore[arg-type]
+    accountant = RDPAccountant()
+    for _ in range(config.local_epochs * batches):
+        accountant.step(noise_multiplier=1.5, sample_rate=1 / batches)
+    assert audited["epsilon"] is None
+    assert audited["sample_epsilon"] == accountant.get_epsilon(DELTA)
