@@ -269,11 +269,12 @@ def _encode(key: SiteKey, job: _EncodeJob) -> list[bytes]:
     if preset.quantization is None:
         reals = fixed_point.on_grid(job.values, job.weight)
     else:
-        per = packing.params_per_ciphertext
-        noise = np.concatenate([np.random.default_rng((job.seed, i)).random(per)
-                                for i in job.ciphertexts])[:len(job.values)]
-        counts = packed_digits.quantize(job.values, job.weight, preset.quantization.level_bits,
-                                        np.repeat(job.range_bits, per)[:len(job.values)], noise)
+        level_bits, per = preset.quantization.level_bits, packing.params_per_ciphertext
+        counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            packed_digits.quantize(values, job.weight, level_bits - int(r),
+                                   np.random.default_rng((job.seed, i)).random(len(values)))
+            for i, r, values in zip(job.ciphertexts, job.range_bits,
+                                    _chunks(job.values, per), strict=True)])
         reals = packed_digits.pack(counts, preset.quantization.digit_bits, preset.digits_per_real)
     return encrypt_vector(key, packing.join(reals, reserved_rows(
         preset, job.binding, job.ciphertexts, job.weight, job.range_bits)))
@@ -314,11 +315,15 @@ def _range_bits(preset: CkksPreset, packing: Packing, layout: TensorLayout,
     quantization = preset.quantization
     if received is None:
         return np.full(packing.ciphertexts, quantization.first_bits, dtype=np.int64)
-    reference = np.abs(layout.flatten(received))
-    per = packing.params_per_ciphertext
-    return np.array([quantization.range_bits(float(np.max(reference[i * per:(i + 1) * per],
-                                                          initial=0.0)))
-                     for i in range(packing.ciphertexts)], dtype=np.int64)
+    reference = layout.flatten(received)
+    return np.array([quantization.range_bits(float(np.max(np.abs(chunk), initial=0.0)))
+                     for chunk in _chunks(reference, packing.params_per_ciphertext)],
+                    dtype=np.int64)
+
+
+def _chunks(vector: np.ndarray, per: int) -> list[np.ndarray]:
+    """`vector` cut into ciphertexts' parameters (at least one chunk, as `Packing` counts)."""
+    return [vector[i:i + per] for i in range(0, len(vector), per)] or [vector]
 
 
 @dataclass(frozen=True)
@@ -380,14 +385,17 @@ def _check_headroom(preset: CkksPreset, layout: TensorLayout, packing: Packing,
     if max(weight_sum_bound, weight) > 1:
         raise HeadroomError(f"CKKS preset '{preset.name}' packs digits sized for weights summing "
                             f"to at most 1, not {max(weight_sum_bound, weight):g}: normalise a_k")
-    per_value = np.repeat(range_bits, packing.params_per_ciphertext)[:len(vector)]
-    index = packed_digits.out_of_range(vector, per_value)
-    if index is not None:
-        raise HeadroomError(
-            f"CKKS preset '{preset.name}' quantizes ciphertext {index // packing.params_per_ciphertext}"
-            f" to |w| <= {2.0 ** per_value[index]:g} (from the received global): tensor "
-            f"'{layout.name_at(index)}' holds {vector[index]:.6g}, which would wrap into the "
-            "next digit; refused. Use a preset without quantization (default) for this model")
+    per = packing.params_per_ciphertext
+    for i, (r, chunk) in enumerate(zip(range_bits, _chunks(vector, per), strict=True)):
+        beyond = ~(np.abs(chunk) <= 2.0 ** int(r))  # NaN and inf too
+        if beyond.any():
+            index = i * per + int(np.argmax(beyond))
+            raise HeadroomError(
+                f"CKKS preset '{preset.name}' quantizes ciphertext {i} to |w| <= "
+                f"{2.0 ** int(r):g} (from the received global): tensor "
+                f"'{layout.name_at(index)}' holds {vector[index]:.6g}, which would wrap into "
+                "the next digit; refused. Use a preset without quantization (default) for "
+                "this model")
 
 
 @dataclass(frozen=True)
@@ -424,9 +432,11 @@ def _decode(key: SiteKey, job: _DecodeJob) -> _Decoded:
                                            preset.digits_per_real, job.params)
     # r as the sites encrypted it (decrypt_global refuses the global if they disagreed)
     range_bits = np.rint(reserved[:, RANGE] / np.maximum(np.rint(reserved[:, COUNT]), 1))
-    exponents = np.repeat(range_bits.astype(np.int64) - quantization.level_bits,
-                          packing.params_per_ciphertext)[:job.params]
-    sums = np.ldexp(counts.astype(np.float64), exponents)  # exact: a power of two times an integer
+    range_bits = np.nan_to_num(np.clip(range_bits, -64, 64))  # damage: refused after the checks
+    sums = np.concatenate([np.zeros(0)] + [  # exact: integers times powers of two
+        np.ldexp(chunk.astype(np.float64), int(r) - quantization.level_bits)
+        for r, chunk in zip(range_bits, _chunks(counts, packing.params_per_ciphertext),
+                            strict=True)])
     return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, carried)
 
 

@@ -18,23 +18,16 @@ near 5 and one of convolution weights near 0.1 each get 2^12 steps over their ow
 import numpy as np
 
 
-def quantize(values: np.ndarray, weight: float, level_bits: int, range_bits: np.ndarray,
-             noise: np.ndarray) -> np.ndarray:
-    """Integer counts of steps 2^(range_bits - level_bits) (one range per value) for
-    weight * values, stochastically rounded with `noise` in [0, 1).
+def quantize(values: np.ndarray, weight: float, step_bits: int, noise: np.ndarray) -> np.ndarray:
+    """Integer counts of the step 2^-step_bits for weight * values, stochastically rounded with
+    `noise` in [0, 1).
 
-    Callers refuse values beyond their range first (`out_of_range`), and weights above 1: a
-    digit sized for s <= 1 could otherwise overflow into its neighbour.
+    Callers refuse values beyond their range first, and weights above 1: a digit sized for
+    s <= 1 could otherwise overflow into its neighbour.
     """
-    scaled = np.ldexp(np.asarray(values, dtype=np.float64) * float(weight),
-                      level_bits - np.asarray(range_bits, dtype=np.int64))
-    return np.floor(scaled + noise).astype(np.int64)
-
-
-def out_of_range(values: np.ndarray, range_bits: np.ndarray) -> int | None:
-    """Index of the first |value| beyond 2^range_bits (NaN and inf included), or None."""
-    bad = ~(np.abs(values) <= np.ldexp(1.0, np.asarray(range_bits, dtype=np.int64)))
-    return int(np.argmax(bad)) if bad.any() else None
+    scaled = np.ldexp(np.asarray(values, dtype=np.float64) * float(weight), step_bits)
+    scaled += noise
+    return np.floor(scaled, out=scaled).astype(np.int64)
 
 
 def pack(counts: np.ndarray, digit_bits: int, per_real: int) -> np.ndarray:
