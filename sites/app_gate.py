@@ -18,6 +18,7 @@ before any process that could install or import the app exists:
 """
 
 import argparse
+import contextlib
 import os
 import time
 from logging import ERROR, INFO, WARNING
@@ -156,8 +157,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
-    AppGate(args.runtime_api_address, args.site_config, args.site_name, args.audit_log,
-            args.allow_any_app).serve()
+    gate = AppGate(args.runtime_api_address, args.site_config, args.site_name, args.audit_log,
+                   args.allow_any_app)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches `site start`'s whole group
+        gate.serve()
 
 
 if __name__ == "__main__":
