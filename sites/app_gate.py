@@ -92,6 +92,8 @@ class AppGate:
         return True
 
     def dispatch(self, task: Task, token: str) -> None:
+        """Start the task's ClientApp if its FAB's hash is approved (or any, --allow-any-app),
+        else refuse it."""
         fab_hash = task.fab_hash
         if fab_hash in self.approved():
             self._start(task, token)
