@@ -67,8 +67,8 @@ class EncryptedFedAvg(FedAvg):
     reply_verifier : the signature hook, called as `reply_verifier(reply, training_id)` on every
         reply that passed the field checks; see `strategies.reply_check.ReplyVerifier`.
     workers : processes that parse and add ciphertexts (`strategies.parallel_sum`); 1 folds
-        in the ServerApp's own process. Started at the first train round, stopped by `close`
-        (which `start` calls when its rounds end).
+        in the ServerApp's own process. Started by `start` (or the first train round), stopped
+        by `close` (which `start` calls when its rounds end).
     """
 
     def __init__(self, key: AggregatorKey, *, min_replies: int | None = None,
@@ -138,6 +138,7 @@ class EncryptedFedAvg(FedAvg):
         if remaining <= 0:
             log(INFO, "All %d rounds are in the checkpoint; nothing to run", num_rounds)
             return Result(arrays=self.global_record())
+        self.start_workers()
         try:
             if self.completed_rounds:  # Flower's loop counts from 1: run it over shifted rounds
                 return ShiftedRounds(self, self.completed_rounds).start(
@@ -147,6 +148,11 @@ class EncryptedFedAvg(FedAvg):
                                  evaluate_config, evaluate_fn)
         finally:
             self.close()
+
+    def start_workers(self) -> None:
+        """Start the aggregator's worker processes (if `workers` > 1) now, not in round 1."""
+        if self.workers > 1 and self._pool is None:
+            self._pool = SumWorkers(self.key, self.workers)
 
     def close(self) -> None:
         """Stop the aggregator's worker processes, if any were started."""
@@ -271,8 +277,8 @@ class EncryptedFedAvg(FedAvg):
         expected = self.current.chunk_sizes if self.current else None
         if self.workers < 2:
             return RunningSum(self.key, expected)
-        if self._pool is None:
-            self._pool = SumWorkers(self.key, self.workers)
+        self.start_workers()
+        assert self._pool is not None
         return self._pool.new_sum(expected)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
