@@ -32,7 +32,10 @@ bytes as they are (nothing to parse to reach them), `dtype` uint8 and `shape` (l
 Packing: the flat vector is cut into chunks of the preset's `values_per_ciphertext` less the
 check values `fedhealth.core.crypto.codec` puts at the end of every ciphertext; with
 complex slots (all presets but `nvflare`) values 2i and 2i+1 of a chunk are the real and
-imaginary part of slot i, so a ciphertext's TenSEAL size counts slots, not values.
+imaginary part of slot i, so a ciphertext's TenSEAL size counts slots, not values. With a
+quantized preset (`packed`) each value is itself several parameters' integer counts as base-2^b
+digits, and three more reserved values follow the check values (codec: COUNT, RANGE,
+RANGE_SQUARED); the aggregator adds them like any other.
 """
 
 from typing import TYPE_CHECKING
