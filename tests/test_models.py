@@ -66,3 +66,18 @@ def test_bad_requests_name_what_is_allowed() -> None:
         build_model("tiny", num_classes=1)
     with pytest.raises(ValueError, match="divisible by 8"):
         build_model("unet", image_size=60)
+
+
+@pytest.mark.parametrize(("name", "output"), [("tiny-3d", (2, 2)), ("densenet121-3d", (2, 2)),
+                                              ("segresnet-3d", (2, 2, 32, 32, 32))])
+def test_3d_models_take_volumes_and_fedbn_keeps_their_batchnorm3d(name: str,
+                                                                   output: tuple[int, ...]) -> None:
+    from fedhealth.core.personalization import get_policy
+
+    model = build_model(name, image_size=32).eval()
+    assert model_spec(name).spatial_dims == 3
+    assert model(torch.zeros(2, 1, 32, 32, 32)).shape == output
+    norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm3d)}
+    personal = set(get_policy("fedbn").partition(model).personal)
+    assert norms and all(f"{n}.weight" in personal and f"{n}.running_var" in personal
+                         for n in norms)
