@@ -68,10 +68,11 @@ def pipeline_steps(image_size: int, reader: dict[str, object], masks: bool = Fal
         raise ValueError(f"in_channels must be one of {CHANNELS} (greyscale/luminance or RGB), "
                          f"got {in_channels!r}")
     spatial = [IMAGE, MASK] if masks else [IMAGE]
-    load_masks = [{"_target_": "monai.transforms.LoadImaged", "keys": MASK,
-                   "reader": "NumpyReader", "image_only": True},
-                  {"_target_": "monai.transforms.EnsureChannelFirstd", "keys": MASK,
-                   "channel_dim": "no_channel"}] if masks else []
+    load_masks: list[dict[str, object]] = [
+        {"_target_": "monai.transforms.LoadImaged", "keys": MASK, "reader": "NumpyReader",
+         "image_only": True},
+        {"_target_": "monai.transforms.EnsureChannelFirstd", "keys": MASK,
+         "channel_dim": "no_channel"}] if masks else []
     image = f"d['{IMAGE}']"
     return [
         {"_target_": "monai.transforms.LoadImaged", "keys": IMAGE, "reader": reader,
