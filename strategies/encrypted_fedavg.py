@@ -231,8 +231,10 @@ class EncryptedFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold each valid reply into the sum of ciphertexts and a_k as it comes out of
         `replies` (`strategies.round_fold`); keep the old global below min_replies."""
+        quantization = self.key.preset.quantization
         fold = RoundFold(self._new_sum, self._layout(), lambda reply, exc: self.screen.reject(
-            TRAIN, server_round, reply.node_id, exc))
+            TRAIN, server_round, reply.node_id, exc),
+            max_updates=quantization.max_sites if quantization else None)
         for reply in self.screen.screened(replies, self._asked, MessageType.TRAIN, server_round,
                                           array_record=wire.UPDATE):
             try:

@@ -49,13 +49,16 @@ class RoundFold:
     new_sum: a fresh `UpdateSum` (serial, or over worker processes), one per layout.
     expected: the current global's layout, or None in round 1.
     reject(reply, error): records a reply left out.
+    max_updates: the most updates one sum may hold (a quantized preset's `max_sites`, whose
+        digits would carry into each other beyond it); later replies are refused. None: any.
     """
 
     def __init__(self, new_sum: Callable[[], UpdateSum], expected: Layout | None,
-                 reject: Reject) -> None:
+                 reject: Reject, max_updates: int | None = None) -> None:
         self.new_sum = new_sum
         self.expected = expected
         self.reject = reject
+        self.max_updates = max_updates
         self.groups: dict[Layout, _LayoutGroup] = {}  # in order of first arrival
 
     def add(self, reply: CheckedReply, layout: Layout) -> None:
@@ -65,6 +68,13 @@ class RoundFold:
             release_arrays(reply.content)
             return
         group = self.groups.setdefault(layout, _LayoutGroup(layout))
+        if self.max_updates is not None and group.declared >= self.max_updates:
+            self.reject(reply, ReplyRejected(
+                f"{group.declared} updates are in this round's sum already, the most this "
+                f"preset's sum can hold: raise the quantized preset's max_sites or sample "
+                f"fewer sites"))
+            release_arrays(reply.content)
+            return
         group.declared += 1
         group.held.append(reply)
         if group is self._leader():

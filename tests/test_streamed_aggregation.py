@@ -20,7 +20,12 @@ from strategy_harness import (
 
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.codec import encrypt_update
-from fedhealth.core.crypto.keys import SiteKey, load_aggregator_context
+from fedhealth.core.crypto.keys import (
+    SiteKey,
+    init_key_files,
+    load_aggregator_context,
+    load_site_context,
+)
 from fedhealth.core.crypto.layout import TensorLayout
 from strategies.ciphertext_sum import RunningSum
 from strategies.encrypted_fedavg import EncryptedFedAvg
@@ -169,3 +174,23 @@ def test_parallel_sum_is_the_serial_sum_bit_for_bit(key_dir: Path, site_key: Sit
                 running.fold(bad)
         assert parallel.chunk_sizes == serial.chunk_sizes
         assert parallel.ciphertexts() == serial.ciphertexts()
+
+
+def test_a_quantized_sum_never_holds_more_updates_than_its_preset_allows(
+        tmp_path: Path) -> None:
+    """`packed` digits carry into each other beyond `max_sites` updates: the 33rd is refused."""
+    init_key_files(tmp_path, "packed")
+    key = load_site_context(tmp_path / wire.SITE_KEY_FILE)
+    limit = key.preset.quantization.max_sites  # type: ignore[union-attr]
+    sites = [FakeSite(f"h{k}", key, 10, random_tensors(k, width=300)) for k in range(limit + 1)]
+    aggregator = strategy(tmp_path, limit + 1, uniform_weights=True)
+    grid = FakeGrid(sites)
+    messages = aggregator.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    assert aggregator.aggregate_train(1, StreamingGrid(grid).send_and_receive(messages))[0]
+    [rejection] = aggregator.history.rejections
+    assert rejection.site == f"h{limit}" and rejection.reason.startswith(
+        f"{limit} updates are in this round's sum already")
+    assert len(aggregator.history.sites("train", 1)) == limit
+    assert aggregator.current is not None
+    got = decrypted_global(aggregator, key, TensorLayout.of(sites[0].target))  # sites' check
+    assert np.isfinite(got["body.weight"]).all()
