@@ -106,30 +106,59 @@ def check_gain(preset: CkksPreset) -> float:
     return 2.0 ** max(0, CHECK_SCALE_BITS - preset.scale_bits)
 
 
-COUNT, RANGE, RANGE_SQUARED = CHECK_VALUES, CHECK_VALUES + 1, CHECK_VALUES + 2
-"""Columns of a quantized preset's reserved values: the site count K (each site encrypts 1),
-and the ciphertext's range bits r and r^2: the sums are K r and K r^2 exactly when the sites
-agree on r, and any disagreement leaves a variance sum(r^2)/K - (sum(r)/K)^2 > 0."""
+def reserved_rows(preset: CkksPreset, binding: RoundBinding, ciphertexts: range,
+                  weight: float) -> np.ndarray:
+    """What a site encrypts in the check values of `ciphertexts`: weight * c, times the
+    preset's check gain."""
+    return check_values(binding, len(ciphertexts), ciphertexts.start) * weight * check_gain(preset)
 
 
-RANGE_SPREAD_TOLERANCE = 1e-4
-"""Largest |sum(r^2)/K - (sum(r)/K)^2| accepted: one site of 32 off by one bit leaves 0.03."""
+@dataclass(frozen=True)
+class Header:
+    """The ciphertexts a quantized preset's update starts with: 1, r_t and r_t^2 per tensor t.
+
+    Every site encrypts them unweighted, so the sum holds the site count K, K r_t and K r_t^2:
+    a global states how many updates it sums (more than `max_sites` could have carried between
+    digits) and the range of every tensor it was quantized with (so it needs no other state to
+    be read), and sites that disagreed on a range leave sum(r^2)/K - (sum(r)/K)^2 > 0.
+    """
+
+    count: int
+    range_bits: np.ndarray  # r_t per tensor, in layout order
+    level_bits: int  # the preset's: a tensor's step is 2^(r_t - level_bits)
+
+    @staticmethod
+    def reals(tensors: int) -> int:
+        return 1 + 2 * tensors
+
+    def encode(self) -> np.ndarray:
+        r = self.range_bits.astype(np.float64)
+        return np.concatenate([[float(self.count)], r, r * r])
+
+    @classmethod
+    def decode(cls, summed: np.ndarray, preset: CkksPreset, binding: RoundBinding) -> "Header":
+        """The summed header (integers once snapped), checked; IntegrityError if it is not one."""
+        assert preset.quantization is not None
+        count, ranges, squares = summed[0], summed[1:(len(summed) + 1) // 2], summed[(len(summed) + 1) // 2:]
+        if not 1 <= count <= preset.quantization.max_sites:
+            raise IntegrityError(
+                f"the global of round {binding.server_round} counts {count:g} summed updates, "
+                f"preset '{preset.name}' holds 1 to {preset.quantization.max_sites} without a "
+                "carry between its packed digits: the aggregator summed too many sites")
+        agree = (ranges % count == 0) & (squares * count == ranges * ranges)
+        if not agree.all():
+            raise IntegrityError(
+                f"the global of round {binding.server_round}: its sites quantized tensor "
+                f"{int(np.argmin(agree))} of the layout to different ranges: they did not "
+                "derive them from the same received global")
+        return cls(int(count), (ranges // count).astype(np.int64), preset.quantization.level_bits)
 
 
-def reserved_values(preset: CkksPreset) -> int:
-    """Values reserved per ciphertext: the check values, and if quantized COUNT and RANGE(S)."""
-    return CHECK_VALUES + (3 if preset.quantization is not None else 0)
-
-
-def reserved_rows(preset: CkksPreset, binding: RoundBinding, ciphertexts: range, weight: float,
-                  range_bits: np.ndarray) -> np.ndarray:
-    """What a site encrypts in the reserved values of `ciphertexts`: weight * c (and 1 and r),
-    times the preset's check gain."""
-    rows = check_values(binding, len(ciphertexts), ciphertexts.start) * weight
-    if preset.quantization is not None:
-        r = np.reshape(range_bits, (-1, 1)).astype(np.float64)
-        rows = np.hstack([rows, np.ones_like(r), r, r * r])
-    return rows * check_gain(preset)
+def header_ciphertexts(preset: CkksPreset, layout: TensorLayout) -> int:
+    """Ciphertexts before the data: a quantized preset's `Header`, none otherwise."""
+    if preset.quantization is None:
+        return 0
+    return Packing(Header.reals(len(layout.entries)), preset.values_per_ciphertext).ciphertexts
 
 
 @dataclass(frozen=True)
@@ -183,8 +212,7 @@ class Packing:
     def of(cls, size: int, preset: CkksPreset) -> "Packing":
         """For `size` parameters (reals: parameters / digits per real, rounded up)."""
         digits = preset.digits_per_real
-        return cls(-(-size // digits), preset.values_per_ciphertext, reserved_values(preset),
-                   digits)
+        return cls(-(-size // digits), preset.values_per_ciphertext, CHECK_VALUES, digits)
 
 
 def encrypt_vector(key: SiteKey, vector: np.ndarray) -> list[bytes]:
@@ -259,7 +287,7 @@ class _EncodeJob:
     weight: float
     binding: RoundBinding
     seed: int  # stochastic rounding's, drawn per ciphertext
-    range_bits: np.ndarray  # a quantized preset's r per ciphertext (empty otherwise)
+    steps: tuple[tuple[int, int], ...] = ()  # quantized: (values, step bits) runs, in order
 
 
 def _encode(key: SiteKey, job: _EncodeJob) -> list[bytes]:
@@ -269,15 +297,37 @@ def _encode(key: SiteKey, job: _EncodeJob) -> list[bytes]:
     if preset.quantization is None:
         reals = fixed_point.on_grid(job.values, job.weight)
     else:
-        level_bits, per = preset.quantization.level_bits, packing.params_per_ciphertext
+        noise = np.concatenate([np.zeros(0)] + [
+            np.random.default_rng((job.seed, i)).random(len(chunk))
+            for i, chunk in zip(job.ciphertexts, _chunks(job.values, packing.params_per_ciphertext),
+                                strict=True)])
         counts = np.concatenate([np.zeros(0, dtype=np.int64)] + [
-            packed_digits.quantize(values, job.weight, level_bits - int(r),
-                                   np.random.default_rng((job.seed, i)).random(len(values)))
-            for i, r, values in zip(job.ciphertexts, job.range_bits,
-                                    _chunks(job.values, per), strict=True)])
+            packed_digits.quantize(job.values[a:b], job.weight, step_bits, noise[a:b])
+            for (a, b), step_bits in _runs(job.steps)])
         reals = packed_digits.pack(counts, preset.quantization.digit_bits, preset.digits_per_real)
     return encrypt_vector(key, packing.join(reals, reserved_rows(
-        preset, job.binding, job.ciphertexts, job.weight, job.range_bits)))
+        preset, job.binding, job.ciphertexts, job.weight)))
+
+
+def _runs(steps: tuple[tuple[int, int], ...]) -> list[tuple[tuple[int, int], int]]:
+    """((start, stop), step bits) of every run of `steps`."""
+    out, start = [], 0
+    for length, step_bits in steps:
+        out.append(((start, start + length), step_bits))
+        start += length
+    return out
+
+
+def _steps(layout: TensorLayout, exponents: np.ndarray, params: slice) -> tuple[tuple[int, int], ...]:
+    """(values, exponent) runs of the tensors covering `params`, one exponent per tensor."""
+    out, start = [], 0
+    for (_, shape, _), exponent in zip(layout.entries, exponents, strict=True):
+        stop = start + int(np.prod(shape, dtype=np.int64))
+        overlap = min(stop, params.stop) - max(start, params.start)
+        if overlap > 0:
+            out.append((overlap, int(exponent)))
+        start = stop
+    return tuple(out)
 
 
 def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: float,
@@ -296,29 +346,42 @@ def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: floa
     must give the same one. `workers`: processes to encrypt with (None:
     `chunk_pool.default_workers()`).
     """
+    preset = key.preset
     layout = TensorLayout.of(tensors)
     vector = layout.flatten(tensors)
-    packing = Packing.of(len(vector), key.preset)
-    range_bits = _range_bits(key.preset, packing, layout, received)
-    _check_headroom(key.preset, layout, packing, vector, range_bits, weight, weight_sum_bound)
+    packing = Packing.of(len(vector), preset)
+    first = header_ciphertexts(preset, layout)
     seed = zlib.crc32(vector[::SEED_STRIDE].tobytes(), zlib.crc32(repr((binding, weight)).encode()))
-    jobs = [_EncodeJob(vector[packing.params_of(r, len(vector))], r, weight, binding, seed,
-                       range_bits[r.start:r.stop]) for r in _ranges(packing.ciphertexts, workers)]
-    return ciphertexts_to_record(_encode_all(key, jobs))
-
-
-def _range_bits(preset: CkksPreset, packing: Packing, layout: TensorLayout,
-                received: Mapping[str, np.ndarray] | None) -> np.ndarray:
-    """A quantized preset's r for every ciphertext, from the received global (empty otherwise)."""
     if preset.quantization is None:
-        return np.zeros(0, dtype=np.int64)
+        _check_headroom(preset, vector, weight, weight_sum_bound)
+        head: list[bytes] = []
+        exponents = np.zeros(len(layout.entries), dtype=np.int64)
+    else:
+        header = Header(1, _range_bits(preset, layout, received), preset.quantization.level_bits)
+        _check_ranges(preset, layout, vector, header.range_bits, weight, weight_sum_bound)
+        reals = header.encode()
+        head = encrypt_vector(key, Packing(len(reals), preset.values_per_ciphertext).join(
+            reals, reserved_rows(preset, binding, range(first), weight)))
+        exponents = header.level_bits - header.range_bits
+    jobs = [_EncodeJob(vector[packing.params_of(r, len(vector))],
+                       range(first + r.start, first + r.stop), weight, binding, seed,
+                       _steps(layout, exponents, packing.params_of(r, len(vector))))
+            for r in _ranges(packing.ciphertexts, workers)]
+    return ciphertexts_to_record(head + _encode_all(key, jobs))
+
+
+def _range_bits(preset: CkksPreset, layout: TensorLayout,
+                received: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """A quantized preset's r for every tensor, from the received global."""
+    assert preset.quantization is not None
     quantization = preset.quantization
     if received is None:
-        return np.full(packing.ciphertexts, quantization.first_bits, dtype=np.int64)
-    reference = layout.flatten(received)
-    return np.array([quantization.range_bits(float(np.max(np.abs(chunk), initial=0.0)))
-                     for chunk in _chunks(reference, packing.params_per_ciphertext)],
-                    dtype=np.int64)
+        return np.full(len(layout.entries), quantization.first_bits, dtype=np.int64)
+    if TensorLayout.of(received) != layout:
+        raise ValueError("the received global's layout is not the update's: pass the global "
+                         "this update was trained from")
+    return np.array([quantization.range_bits(float(np.max(np.abs(received[name]), initial=0.0)))
+                     for name, _, _ in layout.entries], dtype=np.int64)
 
 
 def _chunks(vector: np.ndarray, per: int) -> list[np.ndarray]:
@@ -374,28 +437,30 @@ def _ciphertext_bytes(preset: CkksPreset) -> int:
     return 2 * preset.poly_modulus_degree * (len(preset.coeff_mod_bit_sizes) - 1) * 8 + 4096
 
 
-def _check_headroom(preset: CkksPreset, layout: TensorLayout, packing: Packing,
-                    vector: np.ndarray, range_bits: np.ndarray, weight: float,
+def _check_headroom(preset: CkksPreset, vector: np.ndarray, weight: float,
                     weight_sum_bound: float) -> None:
     """HeadroomError unless every weighted value and every sum of them fits the preset."""
-    if preset.quantization is None:
-        largest = float(np.max(np.abs(vector), initial=1.0))
-        preset.check_headroom(largest * max(weight_sum_bound, weight))
-        return
+    largest = float(np.max(np.abs(vector), initial=1.0))
+    preset.check_headroom(largest * max(weight_sum_bound, weight))
+
+
+def _check_ranges(preset: CkksPreset, layout: TensorLayout, vector: np.ndarray,
+                  range_bits: np.ndarray, weight: float, weight_sum_bound: float) -> None:
+    """HeadroomError unless weights sum to at most 1 and every |w| <= 2^r of its tensor."""
     if max(weight_sum_bound, weight) > 1:
         raise HeadroomError(f"CKKS preset '{preset.name}' packs digits sized for weights summing "
                             f"to at most 1, not {max(weight_sum_bound, weight):g}: normalise a_k")
-    per = packing.params_per_ciphertext
-    for i, (r, chunk) in enumerate(zip(range_bits, _chunks(vector, per), strict=True)):
-        beyond = ~(np.abs(chunk) <= 2.0 ** int(r))  # NaN and inf too
+    start = 0
+    for (name, shape, _), r in zip(layout.entries, range_bits, strict=True):
+        stop = start + int(np.prod(shape, dtype=np.int64))
+        beyond = ~(np.abs(vector[start:stop]) <= 2.0 ** int(r))  # NaN and inf too
         if beyond.any():
-            index = i * per + int(np.argmax(beyond))
             raise HeadroomError(
-                f"CKKS preset '{preset.name}' quantizes ciphertext {i} to |w| <= "
-                f"{2.0 ** int(r):g} (from the received global): tensor "
-                f"'{layout.name_at(index)}' holds {vector[index]:.6g}, which would wrap into "
-                "the next digit; refused. Use a preset without quantization (default) for "
-                "this model")
+                f"CKKS preset '{preset.name}' quantizes tensor '{name}' to |w| <= "
+                f"{2.0 ** int(r):g} (from the global it received): tensor '{name}' holds "
+                f"{vector[start + int(np.argmax(beyond))]:.6g}, which would wrap into the next "
+                "digit; refused. Use a preset without quantization (default) for this model")
+        start = stop
 
 
 @dataclass(frozen=True)
@@ -406,6 +471,7 @@ class _DecodeJob:
     blobs: list[bytes]
     params: int
     weight_sum: float
+    steps: tuple[tuple[int, int], ...] = ()  # quantized: (values, step exponent) runs
 
 
 @dataclass(frozen=True)
@@ -426,17 +492,11 @@ def _decode(key: SiteKey, job: _DecodeJob) -> _Decoded:
     if preset.quantization is None:
         sums, distance = fixed_point.nearest(reals)
         return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, 0)
-    quantization = preset.quantization
     integers, distance = fixed_point.nearest(reals, grid_bits=0)
-    counts, carried = packed_digits.unpack(integers, quantization.digit_bits,
+    counts, carried = packed_digits.unpack(integers, preset.quantization.digit_bits,
                                            preset.digits_per_real, job.params)
-    # r as the sites encrypted it (decrypt_global refuses the global if they disagreed)
-    range_bits = np.rint(reserved[:, RANGE] / np.maximum(np.rint(reserved[:, COUNT]), 1))
-    range_bits = np.nan_to_num(np.clip(range_bits, -64, 64))  # damage: refused after the checks
     sums = np.concatenate([np.zeros(0)] + [  # exact: integers times powers of two
-        np.ldexp(chunk.astype(np.float64), int(r) - quantization.level_bits)
-        for r, chunk in zip(range_bits, _chunks(counts, packing.params_per_ciphertext),
-                            strict=True)])
+        np.ldexp(counts[a:b].astype(np.float64), exponent) for (a, b), exponent in _runs(job.steps)])
     return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, carried)
 
 
@@ -480,6 +540,24 @@ def _decode_all(key: SiteKey, jobs: list[_DecodeJob]) -> list[_Decoded]:
                          for part, done in zip(away, rest, strict=True))]
 
 
+def _decode_header(key: SiteKey, blobs: list[bytes], layout: TensorLayout,
+                   binding: RoundBinding) -> tuple[list[_Decoded], Header | None,
+                                                   IntegrityError | None]:
+    """A quantized global's header ciphertexts: their check values and grid distance (as a
+    `_Decoded` without data), the `Header` they sum to, or why they do not sum to one."""
+    preset = key.preset
+    if preset.quantization is None:
+        return [], None, None
+    packing = Packing(Header.reals(len(layout.entries)), preset.values_per_ciphertext)
+    reals, reserved = packing.split(decrypt_vector(key, blobs, packing.payload_size))
+    summed, distance = fixed_point.nearest(reals, grid_bits=0)
+    decoded = _Decoded(np.zeros(0), reserved / check_gain(preset), distance, 0)
+    try:
+        return [decoded], Header.decode(summed, preset, binding), None
+    except IntegrityError as exc:
+        return [decoded], None, exc
+
+
 def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weight_sum: float,
                    *, binding: RoundBinding = UNBOUND, workers: int | None = None
                    ) -> dict[str, np.ndarray]:
@@ -495,20 +573,26 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
     fixed_point.check_weight_sum(weight_sum)
     preset = key.preset
     packing = Packing.of(layout.size, preset)
+    first = header_ciphertexts(preset, layout)
     try:
         blobs = record_to_ciphertexts(record)
-        if len(blobs) != packing.ciphertexts:
-            raise ValueError(f"{len(blobs)} ciphertexts, the layout takes {packing.ciphertexts}")
-        jobs = [_DecodeJob(blobs[r.start:r.stop], _count(packing.params_of(r, layout.size)),
-                           weight_sum) for r in _ranges(packing.ciphertexts, workers)]
-        parts = _decode_all(key, jobs)
+        if len(blobs) != first + packing.ciphertexts:
+            raise ValueError(f"{len(blobs)} ciphertexts, the layout takes "
+                             f"{first + packing.ciphertexts}")
+        head, header, header_error = _decode_header(key, blobs[:first], layout, binding)
+        exponents = (np.zeros(len(layout.entries), dtype=np.int64) if header is None
+                     else header.range_bits - header.level_bits)
+        jobs = [_DecodeJob(blobs[first + r.start:first + r.stop],
+                           _count(packing.params_of(r, layout.size)), weight_sum,
+                           _steps(layout, exponents, packing.params_of(r, layout.size)))
+                for r in _ranges(packing.ciphertexts, workers)]
+        parts = [*head, *_decode_all(key, jobs)]
     except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's errors on damaged bytes
         raise IntegrityError(f"the global of round {binding.server_round} cannot be decrypted "
                              f"({exc}): it is damaged or was built for another layout") from None
-    reserved = np.concatenate([p.reserved for p in parts])
-    verify_checks(reserved[:, :CHECK_VALUES], binding, weight_sum)
-    if preset.quantization is not None:
-        _verify_count(reserved, preset, binding)
+    verify_checks(np.concatenate([p.reserved for p in parts]), binding, weight_sum)
+    if header_error is not None:  # after the check values, whose message says more
+        raise header_error
     try:
         fixed_point.GridDistance.combine([p.distance for p in parts]).check()
     except fixed_point.OffGridError as exc:
@@ -540,30 +624,6 @@ def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -
         f"{weight_sum:.6g}): an update made under another secret key, damaged ciphertexts, a "
         "site that multiplied by another weight, or an update made for another round or "
         "position entered the sum")
-
-
-def _verify_count(reserved: np.ndarray, preset: CkksPreset, binding: RoundBinding) -> None:
-    """The summed site count: one whole number, the same in every ciphertext, <= max_sites; and
-    every ciphertext's range bits one whole r at every site (sum r = K r, sum r^2 = K r^2)."""
-    assert preset.quantization is not None
-    counts = reserved[:, COUNT]
-    summed = np.rint(counts)
-    if not (np.all(np.abs(counts - summed) <= CHECK_TOLERANCE) and np.all(summed == summed[0])
-            and 1 <= summed[0] <= preset.quantization.max_sites):
-        raise IntegrityError(
-            f"the global of round {binding.server_round} counts {np.unique(counts)[:3]} summed "
-            f"updates, preset '{preset.name}' holds 1 to {preset.quantization.max_sites} "
-            "without a carry between its packed digits: the aggregator summed too many sites")
-    per_site = reserved[:, RANGE] / summed[0]
-    spread = reserved[:, RANGE_SQUARED] / summed[0] - per_site**2  # 0 when the sites agreed
-    disagree = ~((np.abs(per_site - np.rint(per_site)) <= CHECK_TOLERANCE)
-                 & (np.abs(spread) <= RANGE_SPREAD_TOLERANCE))
-    if disagree.any():
-        raise IntegrityError(
-            f"the global of round {binding.server_round}: its sites quantized ciphertext "
-            f"ct-{int(np.argmax(disagree)):05d} to different ranges (mean range bits "
-            f"{per_site[np.argmax(disagree)]:.4g}): they did not derive them from the same "
-            "received global")
 
 
 def _count(params: slice) -> int:

@@ -34,8 +34,8 @@ check values `fedhealth.core.crypto.codec` puts at the end of every ciphertext; 
 complex slots (all presets but `nvflare`) values 2i and 2i+1 of a chunk are the real and
 imaginary part of slot i, so a ciphertext's TenSEAL size counts slots, not values. With a
 quantized preset (`packed`) each value is itself several parameters' integer counts as base-2^b
-digits, and three more reserved values follow the check values (codec: COUNT, RANGE,
-RANGE_SQUARED); the aggregator adds them like any other.
+digits, and the update starts with header ciphertexts (`codec.Header`: 1, r_t and r_t^2 per
+tensor, unweighted); the aggregator adds them like any other.
 """
 
 from typing import TYPE_CHECKING
