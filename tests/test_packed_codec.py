@@ -4,16 +4,19 @@ The sums go through the aggregator's own `sum_updates`; sizes are small but span
 ciphertexts, and the parallel tests span enough of them to use the worker processes.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedhealth.core.crypto import packed_digits, wire
 from fedhealth.core.crypto.chunk_pool import MIN_PARALLEL_CIPHERTEXTS
 from fedhealth.core.crypto.codec import (
     IntegrityError,
     Packing,
+    RoundBinding,
     decrypt_global,
     decrypt_vector,
     encrypt_update,
@@ -27,6 +30,7 @@ from fedhealth.core.crypto.keys import (
     load_site_context,
 )
 from fedhealth.core.crypto.layout import TensorLayout
+from fedhealth.core.crypto.messages import build_reply, read_instruction
 from fedhealth.core.crypto.presets import CkksPreset, HeadroomError, Quantization
 from strategies.ciphertext_sum import sum_updates
 
@@ -221,3 +225,50 @@ def test_parallel_codec_decrypts_to_the_serial_codecs_bytes(tmp_path: Path, pres
     one = decrypt_global(site, record, layout, 1.0, workers=1)
     two = decrypt_global(site, record, layout, 1.0, workers=2)
     assert all(one[n].tobytes() == two[n].tobytes() for n in one)
+
+
+def test_two_rounds_through_the_site_messages(packed: tuple[SiteKey, AggregatorKey]) -> None:
+    """Round 1 from the seed (no global: the first range), round 2 from the decrypted global
+    (ranges from it), as `build_reply` and `Instruction.global_tensors` carry them."""
+    site, aggregator = packed
+    rng = np.random.default_rng(11)
+    start = {"conv.weight": rng.uniform(-0.1, 0.1, 3000).astype(np.float32),
+             "bn.running_var": rng.uniform(0.5, 1.5, 16).astype(np.float32)}
+    layout = TensorLayout.of(start)
+    weights = [0.2, 0.3, 0.5]
+
+    def crypto(server_round: int, global_round: int) -> ConfigRecord:
+        return ConfigRecord({wire.SERVER_ROUND: server_round, wire.WEIGHT_SUM: 1.0,
+                             wire.SITE_WEIGHT: 0.0, wire.LAYOUT_HASH: layout.hash,
+                             wire.FINGERPRINT: site.fingerprint, wire.TRAINING_ID: "t",
+                             wire.NONCE: "n", wire.GLOBAL_ROUND: global_round})
+
+    def round_of(server_round: int, record: ArrayRecord | None,
+                 trained: Callable[[dict[str, np.ndarray] | None, int], dict[str, np.ndarray]]
+                 ) -> tuple[ArrayRecord, list[dict[str, np.ndarray]]]:
+        replies, sent = [], []
+        for k, a in enumerate(weights):
+            content = RecordDict({wire.CRYPTO: crypto(server_round, server_round - 1)})
+            content.config_records[wire.CRYPTO][wire.SITE_WEIGHT] = a
+            if record is not None:
+                content[wire.GLOBAL] = record
+            instruction = read_instruction(content)
+            received = instruction.global_tensors(site, layout)
+            sent.append(trained(received, k))
+            replies.append(build_reply(site, instruction, sent[-1], 10, {}, f"h{k}",
+                                       received=received).array_records[wire.UPDATE])
+        total = sum_updates(aggregator, replies)
+        assert total is not None
+        return wire.ciphertexts_to_record(total.ciphertexts), sent
+
+    first, sent = round_of(1, None, lambda g, k: {n: t + 0.01 * k for n, t in start.items()})
+    second, sent = round_of(2, first, lambda g, k: {n: (t * 4.0 if "var" in n else t) + 0.001 * k
+                                                    for n, t in (g or {}).items()})
+    got = decrypt_global(site, second, layout, 1.0, binding=RoundBinding("t", 2))
+    quantization = site.preset.quantization
+    assert quantization is not None
+    for name in layout.unflatten(np.zeros(layout.size)):
+        exact = np.average([s[name].astype(np.float64) for s in sent], axis=0, weights=weights)
+        r = quantization.range_bits(float(np.max(np.abs(sent[0][name] / (4.0 if "var" in name
+                                                                          else 1.0)))))
+        assert np.max(np.abs(got[name] - exact)) <= quantization.mean_error(3, 1.0, r), name
