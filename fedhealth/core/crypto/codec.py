@@ -21,9 +21,8 @@ far from the grid is a second corruption signal (checked after the check values,
 says more about the cause). Presets with a `Quantization` (`packed`) put integer counts of their
 grid step into every real instead, several per real (`packed_digits`); rounding the decrypted
 reals to integers removes the noise the same way. Their check values are multiplied by
-2^(CHECK_SCALE_BITS - scale bits), so they keep the precision they have at scale 2^40, and one
-more reserved value counts the summed updates: every site encrypts 1 there, and a sum of more
-updates than the preset's `max_sites` (whose digits may have carried) is refused.
+2^(CHECK_SCALE_BITS - scale bits), so they keep the precision they have at scale 2^40, and
+their updates start with a `Header` (the site count and every tensor's range).
 
 Parallel. Ciphertexts are independent, so encryption and decryption run over ranges of them in
 processes (`chunk_pool`), each range through the same function a serial call runs: the same
@@ -139,7 +138,8 @@ class Header:
     def decode(cls, summed: np.ndarray, preset: CkksPreset, binding: RoundBinding) -> "Header":
         """The summed header (integers once snapped), checked; IntegrityError if it is not one."""
         assert preset.quantization is not None
-        count, ranges, squares = summed[0], summed[1:(len(summed) + 1) // 2], summed[(len(summed) + 1) // 2:]
+        tensors = (len(summed) - 1) // 2
+        count, ranges, squares = summed[0], summed[1:1 + tensors], summed[1 + tensors:]
         if not 1 <= count <= preset.quantization.max_sites:
             raise IntegrityError(
                 f"the global of round {binding.server_round} counts {count:g} summed updates, "
