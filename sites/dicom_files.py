@@ -137,7 +137,8 @@ class SiteDicomReader(PydicomReader):
 
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> Any:
         last = self._last  # one read: another thread may replace it meanwhile
-        if last is not None and isinstance(data, str | os.PathLike) and _source(data) == last.source:
+        one = data[0] if isinstance(data, list | tuple) and len(data) == 1 else data  # LoadImage's
+        if last is not None and isinstance(one, str | os.PathLike) and _source(one) == last.source:
             return last.dataset
         return super().read(data, **kwargs)
 

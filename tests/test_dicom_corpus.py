@@ -158,7 +158,7 @@ def test_a_multi_frame_file_gives_one_item_per_frame_with_its_files_label(tmp_pa
 
 def test_a_multi_frame_file_is_decoded_once_for_all_its_frames(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _site(tmp_path, "color3d_jpeg_baseline.dcm") / "color3d_jpeg_baseline.dcm"  # 120 frames
+    path = _site(tmp_path, "SC_rgb_rle_2frame.dcm") / "SC_rgb_rle_2frame.dcm"
     reader = SiteDicomReader()
     decodes = []
     real = pydicom.Dataset.convert_pixel_data
@@ -170,13 +170,16 @@ def test_a_multi_frame_file_is_decoded_once_for_all_its_frames(
     monkeypatch.setattr(pydicom.Dataset, "convert_pixel_data", counting)
     first = reader.get_data(reader.read(path))[0]
     once = len(decodes)
-    assert once >= 1 and first.shape == (120, 480, 640, 3)
-    for _ in range(3):  # the items of its other frames
-        assert reader.get_data(reader.read(path))[0] is first
+    assert once >= 1 and first.shape == (2, 100, 100, 3)
+    for _ in range(3):  # the items of its other frames, read as LoadImage reads (a 1-tuple)
+        assert reader.get_data(reader.read((str(path),)))[0] is first
     assert len(decodes) == once
     path.touch()  # a rewritten file is decoded again
     reader.get_data(reader.read(path))
     assert len(decodes) == 2 * once
+    transform = site_transforms(16)  # the training pipeline's reader, over its frame items
+    frames = [transform(datalist_item(str(path), 0, False, f))[IMAGE] for f in (0, 1, 0)]
+    assert len(decodes) == 3 * once and not torch.equal(frames[0], frames[1])
 
 
 # ------------------------------------------------------------------ whole corpora
