@@ -56,15 +56,14 @@ def test_pydicom_corpus_is_fully_accounted_for() -> None:
     report = _check_json(str(PYDICOM_FILES))
     files = [p for p in PYDICOM_FILES.rglob("*") if p.is_file()]
     assert report["files"] == len(files) > 100
-    assert report["images"] + len(report["skipped"]) == len(files)
+    assert report["images"] >= len(files) - len(report["skipped"])  # multi-frame: an image a frame
     assert report["images"] > 20 and report["labels"] == {} and report["labels_file"] is None
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert all(reasons.values())
     assert reasons["MR_truncated.dcm"].startswith("pixel data cannot be decoded")
     assert reasons["rtplan.dcm"].startswith("no pixel data")
     assert reasons["README.txt"].startswith("not a DICOM")
-    assert "pip install" in reasons["SC_rgb_jpeg_gdcm.dcm"] or "colour" in reasons[
-        "SC_rgb_jpeg_gdcm.dcm"]
+    assert "SC_rgb_jpeg_gdcm.dcm" not in reasons  # colour JPEG Lossless: python-gdcm decodes it
     loaded = set(files) - {Path(s["path"]) for s in report["skipped"]}
     assert {p.name for p in loaded} >= {"CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm",
                                         "MR_small_jpeg_ls_lossless.dcm"}
