@@ -174,6 +174,10 @@ def _print_results(results_dir: Path) -> None:
     except (OSError, ValueError) as err:
         console.print(f"[yellow]no per-site table: cannot read {path} ({err})[/yellow]")
         return
+    if not results.get("per_site"):
+        console.print(f"[yellow]no per-site table: no site's evaluation was valid; why is under "
+                      f"'rejected' in {path}[/yellow]")
+        return
     report_console().print(results_table([results]))
 
 
