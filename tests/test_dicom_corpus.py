@@ -28,6 +28,7 @@ from sites.pipeline_config import (
     NO_FRAME,
     PALETTE,
     datalist_item,
+    folder_datalist,
     pipeline_steps,
 )
 from sites.site_check import check_site
@@ -180,6 +181,24 @@ def test_a_multi_frame_file_is_decoded_once_for_all_its_frames(
     transform = site_transforms(16)  # the training pipeline's reader, over its frame items
     frames = [transform(datalist_item(str(path), 0, False, f))[IMAGE] for f in (0, 1, 0)]
     assert len(decodes) == 3 * once and not torch.equal(frames[0], frames[1])
+
+
+def test_the_bundles_data_list_gives_the_site_pipelines_pixels(tmp_path: Path) -> None:
+    """An exported bundle's data list (every file, a multi-frame one an item per frame, palette
+    flags from the header) through plain PydicomReader gives what the site reader gives."""
+    site = _site(tmp_path, "SC_rgb_2frame.dcm", "OBXXXX1A.dcm", "CT_small.dcm")
+    parser = ConfigParser({"dataset_dir": str(site), "datalist": folder_datalist("@dataset_dir")},
+                          globals={"pathlib": "pathlib", "pydicom": "pydicom"})
+    items = parser.get_parsed_content("datalist")
+    assert [(Path(i[IMAGE]).name, i[FRAME], i[PALETTE]) for i in items] == [
+        ("CT_small.dcm", NO_FRAME, False), ("OBXXXX1A.dcm", NO_FRAME, True),
+        ("SC_rgb_2frame.dcm", 0, False), ("SC_rgb_2frame.dcm", 1, False)]
+    for in_channels in (1, 3):
+        bundle, at_site = _before_windowing(in_channels, BUNDLE_READER), _before_windowing(
+            in_channels)
+        for item in items:
+            np.testing.assert_array_equal(np.asarray(bundle(item)[IMAGE]), np.asarray(at_site(
+                {**item, PALETTE: False})[IMAGE]))
 
 
 # ------------------------------------------------------------------ whole corpora
