@@ -58,7 +58,7 @@ def _code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 def test_there_are_notebooks() -> None:
     assert {p.name for p in NOTEBOOKS} >= {"01_quickstart.ipynb", "02_personalization.ipynb",
-                                           "03_privacy_cost.ipynb"}
+                                           "03_privacy_cost.ipynb", "04_ct_federation.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
