@@ -3,8 +3,9 @@
 A row is keyed by SOPInstanceUID when it has one, else by SeriesInstanceUID, else by
 StudyInstanceUID (the label then holds for every image, and every volume, of the series or study).
 Volumes (sites.series_volume) join by their series, else their study; their masks are `.npy`
-volumes in the assembled order (rows, columns, slices along the normal) or DICOM SEG objects in
-the site folder that reference the series (sites.seg_masks). An optional `split` column fixes
+volumes in the assembled order (rows, columns, slices along the normal), NIfTI files placed by
+their affine (sites.nifti_masks) or DICOM SEG objects in the site folder that reference the
+series (sites.seg_masks). An optional `split` column fixes
 the row's split (train, val or test: a hospital's own held-out set); rows leaving it empty are
 dealt by the site. A mask on a SeriesInstanceUID row is the series' volume mask: the series'
 2D images join that row without it. Rows that match no image and images without a row are
@@ -24,6 +25,7 @@ import numpy as np
 from fedhealth.core.crypto.wire import LABELS_FILE, LABELS_SPLIT_COLUMN, SPLITS
 from sites.data_limits import DEFAULT_NUM_CLASSES
 from sites.dicom_files import DicomImage, SiteDataError, Skipped
+from sites.nifti_masks import is_nifti, nifti_mask
 from sites.seg_masks import MaskProblem, seg_mask
 from sites.series_volume import Volume
 
@@ -142,10 +144,18 @@ def mask_problem(path: Path, image: DicomImage | Volume) -> str | None:
     """Why `path` cannot be the mask of `image` (a 2D image, or a volume of shape rows x
     columns x slices), if so: not a binary .npy array of its shape.
 
-    The header is read first (memory-mapped), so a mask of a wrong shape is never loaded.
+    The header is read first (memory-mapped), so a mask of a wrong shape is never loaded. A
+    volume's mask may also be NIfTI, placed by its affine (sites.nifti_masks).
     """
+    if isinstance(image, Volume) and is_nifti(path) and path.is_file():
+        try:
+            nifti_mask(path, image)
+        except MaskProblem as err:
+            return str(err)
+        return None
     if path.suffix != ".npy" or not path.is_file():
-        return "not an existing .npy file"
+        return "not an existing .npy file" + (" or NIfTI volume" if isinstance(image, Volume)
+                                               else "")
     try:
         mask = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:

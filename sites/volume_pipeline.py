@@ -5,7 +5,7 @@ HU), orient to RAS (`Orientation`: head-first and feet-first scans of one patien
 same way round), window (`ScaleIntensityRange` over a fixed HU window for CT, so a given tissue
 keeps its value across vendors; the 0.5-99.5 percentiles for MR, which has no absolute unit),
 resize to the run's (image_size, image_size, volume_depth) grid, float32. The mask, a `.npy`
-volume or a DICOM SEG, is put on the image's grid first, so it takes exactly the same spatial
+volume, a NIfTI file or a DICOM SEG, is put on the image's grid first, so it takes exactly the same spatial
 steps (nearest-neighbour). Deterministic, hence cacheable (MONAI CacheDataset/PersistentDataset).
 """
 
@@ -30,6 +30,7 @@ from monai.transforms import (
 
 from sites.data_limits import DataLimits
 from sites.labels import LabeledVolume
+from sites.nifti_masks import is_nifti, nifti_mask
 from sites.pipeline_config import IMAGE, LABEL, MASK
 from sites.seg_masks import seg_mask
 from sites.series_volume import SeriesVolumeReader, load_volume_plan
@@ -42,7 +43,7 @@ AXCODES = "RAS"
 
 
 class LoadVolumeMaskd(MapTransform):
-    """The item's mask (a `.npy` volume or a DICOM SEG) on the grid of its volume (planned from
+    """The item's mask (a `.npy` volume, a NIfTI file or a DICOM SEG) on the grid of its volume (planned from
     the item's image files, as the image reader plans it): a MetaTensor with the volume's affine,
     so orientation and resizing treat mask and image alike."""
 
@@ -56,7 +57,7 @@ class LoadVolumeMaskd(MapTransform):
         for key in self.key_iterator(item):
             path = Path(str(item[key]))
             mask = (np.load(path, allow_pickle=False) if path.suffix == ".npy"
-                    else seg_mask(path, volume))
+                    else nifti_mask(path, volume) if is_nifti(path) else seg_mask(path, volume))
             item[key] = MetaTensor(np.asarray(mask, dtype=np.float32),
                                    affine=torch.as_tensor(volume.affine),
                                    meta={"original_channel_dim": float("nan")})

@@ -258,3 +258,29 @@ def test_shuffled_names_and_folders_give_voxel_identical_volumes(tmp_path: Path)
         by_series = {v.series_uid: v for v in shuffled}
         for volume in original:
             np.testing.assert_array_equal(_pixels(volume), _pixels(by_series[volume.series_uid]))
+
+
+def test_a_nifti_mask_is_placed_by_its_affine_not_its_array_order(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from sites.labels import mask_problem
+    from sites.nifti_masks import nifti_mask
+
+    series = _series(seed=3)
+    _write(series.datasets, tmp_path / "s")
+    (volume,), _ = _volumes(tmp_path / "s")
+    expected = series.mask.transpose(1, 2, 0)
+    affine = np.asarray(volume.affine)
+    # as a converter might write it: slices first and the rows flipped, the affine saying so
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, expected.shape[0] - 1
+    reordered = np.flip(expected, 0).transpose(2, 0, 1)
+    moved = (affine @ flip)[:, [2, 0, 1, 3]]
+    nib.save(nib.Nifti1Image(reordered.astype(np.uint8), moved), tmp_path / "m.nii.gz")
+    assert not np.array_equal(reordered.transpose(1, 2, 0), expected)  # array order alone is wrong
+    np.testing.assert_array_equal(nifti_mask(tmp_path / "m.nii.gz", volume), expected)
+    assert mask_problem(tmp_path / "m.nii.gz", volume) is None
+    shifted = moved.copy()
+    shifted[2, 3] += 7.0  # most of a slice off the series' grid
+    nib.save(nib.Nifti1Image(reordered.astype(np.uint8), shifted), tmp_path / "off.nii.gz")
+    assert "does not lie on the grid of series" in mask_problem(tmp_path / "off.nii.gz", volume)
