@@ -28,8 +28,12 @@ def nifti_mask(path: Path, volume: Volume) -> np.ndarray:
     """The NIfTI mask on `volume`'s grid: uint8 (rows, columns, slices), values 0 and 1."""
     try:
         image = nib.load(path)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            raise MaskProblem(f"{path} is not a NIfTI image ({type(image).__name__})")
         data = np.asanyarray(image.dataobj)
-        affine = np.asarray(image.affine, dtype=float)
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except MaskProblem:
+        raise
     except Exception as err:  # nibabel raises several types for a damaged or foreign file
         raise MaskProblem(f"NIfTI {path} cannot be read ({type(err).__name__}: {err})") from None
     if data.ndim != 3:

@@ -58,7 +58,7 @@ def seg_mask(path: Path | str, volume: Volume) -> np.ndarray:
         if volume.enhanced:
             pixels = seg.get_pixels_by_source_frame(
                 source_sop_instance_uid=volume.frames[0].sop_uid,
-                source_frame_numbers=[f.frame for f in volume.frames], combine_segments=True,
+                source_frame_numbers=[f.frame or 0 for f in volume.frames], combine_segments=True,
                 assert_missing_frames_are_empty=True)
         else:
             pixels = seg.get_pixels_by_source_instance(

@@ -23,10 +23,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pydicom
+from monai.config import PathLike
 from monai.data import ImageReader
 from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys
@@ -121,7 +121,7 @@ def find_volumes(images: Sequence[DicomImage], skipped: Sequence[Skipped]) -> Vo
     for image in images:
         by_series[image.series_uid].append(image)
     used = {str(i.path) for i in images}
-    candidates = [Path(s.path) for s in skipped
+    candidates = [s.path for s in skipped
                   if s.path not in used and os.path.isfile(s.path) and not os.path.islink(s.path)]
     volumes: list[Volume] = []
     problems: list[Skipped] = []
@@ -138,13 +138,13 @@ def find_volumes(images: Sequence[DicomImage], skipped: Sequence[Skipped]) -> Vo
             files = [p for p, _ in single]
             _add(volumes, problems, partial(series_volume, files, [ds for _, ds in single]),
                  series_uid, files)
-    for path in candidates:
-        ds = _header(str(path))
-        if ds is None or not _is_enhanced(ds) or not _identified(ds):
+    for candidate in candidates:
+        header = _header(candidate)
+        if header is None or not _is_enhanced(header) or not _identified(header):
             continue
-        if _add(volumes, problems, partial(enhanced_volume, str(path), ds),
-                str(ds.get("SeriesInstanceUID", "")), [str(path)]):
-            volume_only.add(str(path))
+        if _add(volumes, problems, partial(enhanced_volume, candidate, header),
+                str(header.get("SeriesInstanceUID", "")), [candidate]):
+            volume_only.add(candidate)
     return VolumeScan(volumes, sorted(problems, key=lambda s: s.path), volume_only)
 
 
@@ -211,7 +211,8 @@ def enhanced_volume(path: str, ds: pydicom.Dataset) -> Volume:
         measures, transform = group(i, "PixelMeasuresSequence"), _optional(per_frame[i], shared)
         frames.append(Frame(
             path=path, frame=i + 1, sop_uid=str(ds.SOPInstanceUID),
-            position=_floats(group(i, "PlanePositionSequence"), "ImagePositionPatient", 3),
+            position=_floats(group(i, "PlanePositionSequence"), "ImagePositionPatient",  # type: ignore[arg-type]
+                             3),
             orientation=_floats(group(i, "PlaneOrientationSequence"), "ImageOrientationPatient", 6),
             pixel_spacing=_floats(measures, "PixelSpacing", 2),  # type: ignore[arg-type]
             shape=(int(ds.Rows), int(ds.Columns)),
@@ -337,10 +338,10 @@ class SeriesVolumeReader(ImageReader):
         super().__init__()
         self.max_image_bytes = max_image_bytes
 
-    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         return True  # DICOM files need no suffix
 
-    def read(self, data: Sequence[str] | str, **kwargs: object) -> list[str]:
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: object) -> list[str]:
         return [str(p) for p in ([data] if isinstance(data, (str, os.PathLike)) else data)]
 
     def get_data(self, img: list[str]) -> tuple[np.ndarray, dict]:

@@ -88,7 +88,8 @@ def volume_transforms(image_size: int, volume_depth: int, masks: bool = False,
     spatial = [IMAGE, MASK] if masks else [IMAGE]
     return Compose([
         *([LoadVolumeMaskd()] if masks else []),  # first: it plans from the image's files
-        LoadImaged(IMAGE, reader=SeriesVolumeReader(limits.max_image_bytes), image_only=True),
+        LoadImaged(IMAGE, reader=SeriesVolumeReader(limits.max_image_bytes),  # type: ignore[arg-type]
+                   image_only=True),  # MONAI takes a reader instance too; its hint says class
         EnsureChannelFirstd(spatial, channel_dim="no_channel"),
         Orientationd(spatial, axcodes=AXCODES, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         IntensityWindowd(),
