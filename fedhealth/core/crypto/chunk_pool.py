@@ -127,6 +127,11 @@ _POOLS: dict[int, ProcessPoolExecutor] = {}
 _KEYS: dict[bytes, SiteKey] = {}  # in a worker: the site keys it was sent, by digest
 
 
+def worker_pids() -> list[int]:
+    """The worker processes started so far (a benchmark reads their CPU time)."""
+    return [pid for pool in _POOLS.values() for pid in pool._processes]  # the executor's own map
+
+
 def _pool(processes: int) -> ProcessPoolExecutor:
     if processes not in _POOLS:  # ProcessPoolExecutor joins its processes at interpreter exit
         _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=get_context("fork"),

@@ -528,8 +528,10 @@ def _decode_all(key: SiteKey, jobs: list[_DecodeJob]) -> list[_Decoded]:
     with SharedFile(sum(a + b for a, b in sizes)) as shared:
         away, offset = [], 0
         for job, (blob_bytes, mean_bytes) in zip(jobs[1:], sizes, strict=True):
-            shared.array(offset, blob_bytes, np.uint8)[:] = np.frombuffer(b"".join(job.blobs),
-                                                                          dtype=np.uint8)
+            written = offset
+            for blob in job.blobs:  # straight into shared memory: no joined copy
+                shared.array(written, len(blob), np.uint8)[:] = np.frombuffer(blob, np.uint8)
+                written += len(blob)
             away.append(_DecodeAway(replace(job, blobs=[]), shared.region(offset, blob_bytes),
                                     tuple(map(len, job.blobs)),
                                     shared.region(offset + blob_bytes, mean_bytes)))
