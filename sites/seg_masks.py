@@ -37,12 +37,14 @@ def segmentations_by_series(skipped: Sequence[Skipped]) -> dict[str, list[str]]:
             warnings.simplefilter("ignore")
             try:
                 ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
-            except Exception:  # not DICOM: the scan already said why
+                if ds.get("SOPClassUID") != SegmentationStorage:
+                    continue
+                referenced = [str(item.get("SeriesInstanceUID", ""))
+                              for item in ds.get("ReferencedSeriesSequence", [])]
+            except Exception:  # not DICOM, or a malformed value failing on access: not a mask
                 continue
-        if ds.get("SOPClassUID") != SegmentationStorage:
-            continue
-        for item in ds.get("ReferencedSeriesSequence", []):
-            found[str(item.get("SeriesInstanceUID", ""))].append(entry.path)
+        for series_uid in referenced:
+            found[series_uid].append(entry.path)
     return dict(found)
 
 

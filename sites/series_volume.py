@@ -128,10 +128,11 @@ def find_volumes(images: Sequence[DicomImage], skipped: Sequence[Skipped]) -> Vo
     volume_only: set[str] = set()
     for series_uid, members in sorted(by_series.items()):
         paths = sorted({str(m.path) for m in members})
-        headers = [_header(p) for p in paths]
-        multi = [(p, ds) for p, ds in zip(paths, headers) if ds is not None and _is_enhanced(ds)]
-        single = [(p, ds) for p, ds in zip(paths, headers)
-                  if ds is not None and not _is_enhanced(ds) and _has_geometry(ds)]
+        if len(paths) == 1 and len(members) == 1:
+            continue  # one single-frame image: 2D only, no header to read again
+        kinds = [(p, ds, _kind(ds)) for p in paths if (ds := _header(p)) is not None]
+        multi = [(p, ds) for p, ds, kind in kinds if kind == "enhanced"]
+        single = [(p, ds) for p, ds, kind in kinds if kind == "positioned"]
         for path, ds in multi:
             _add(volumes, problems, partial(enhanced_volume, path, ds), series_uid, [path])
         if len(single) >= 2:
@@ -140,7 +141,7 @@ def find_volumes(images: Sequence[DicomImage], skipped: Sequence[Skipped]) -> Vo
                  series_uid, files)
     for candidate in candidates:
         header = _header(candidate)
-        if header is None or not _is_enhanced(header) or not _identified(header):
+        if header is None or _kind(header) != "enhanced" or not _identified(header):
             continue
         if _add(volumes, problems, partial(enhanced_volume, candidate, header),
                 str(header.get("SeriesInstanceUID", "")), [candidate]):
@@ -153,7 +154,7 @@ def _add(volumes: list[Volume], problems: list[Skipped], build: Callable[[], Vol
     try:
         volumes.append(build())
         return True
-    except SeriesProblem as err:
+    except Exception as err:  # SeriesProblem, or a malformed header value pydicom cannot convert
         problems.append(Skipped(_folder(files), f"series {series_uid} ({len(files)} "
                                                 f"file{'s' if len(files) > 1 else ''}): {err}"))
         return False
@@ -171,6 +172,17 @@ def _header(path: str) -> pydicom.Dataset | None:
             return pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # the 2D scan already gave this file its reason
             return None
+
+
+def _kind(ds: pydicom.Dataset) -> str | None:
+    """"enhanced" (a multi-frame object with per-frame geometry), "positioned" (a single-frame
+    slice with patient geometry) or None (2D only, or a header value that cannot be read)."""
+    try:
+        if _is_enhanced(ds):
+            return "enhanced"
+        return "positioned" if _has_geometry(ds) else None
+    except Exception:  # pydicom converts values on access: a malformed one raises here
+        return None
 
 
 def _is_enhanced(ds: pydicom.Dataset) -> bool:
