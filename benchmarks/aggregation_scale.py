@@ -25,6 +25,8 @@ Transfer time is left out of both (the replies come from local disk).
 
 Where replies wait in a deployment: at the SuperLink (LinkState and object store), from when a
 site sends one until the ServerApp pulls it; this benchmark's stand-in keeps them on disk.
+`--superlink-replies 2,10` measures the SuperLink's object store holding that many replies
+(`store_at_superlink`): in memory, as in simulation, and in SQLite, as a deployment runs it.
 """
 
 import argparse
@@ -284,6 +286,57 @@ def serve(config: Config) -> dict[str, float]:
             "baseline_rss_mb": baseline / 1e6}
 
 
+def store_at_superlink(folder: str, database: str, replies: int) -> dict[str, float]:
+    """RSS growth of a SuperLink object store holding `replies` train replies not yet pulled.
+
+    Each reply is a Flower Message of the sites' ciphertexts (made distinct: the store is
+    content-addressed), put the way the SuperLink stores a SuperNode's push: `preregister`
+    of its object tree, then `put` of every object. `database`: Flower's in-memory name
+    (`flower-superlink` without `--database`, as in simulation) or a file (SQLite on disk, as
+    `fedhealth federation start` runs it).
+    """
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+    )
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedhealth.core.crypto import wire
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    store = ObjectStoreFactory(database).store()
+    blobs = read_blobs(Path(folder) / "update-0.bin")
+    me = psutil.Process()
+    baseline = me.memory_info().rss
+    for reply in range(replies):
+        distinct = [reply.to_bytes(8, "little") + blob[8:] for blob in blobs]
+        message = Message(RecordDict({wire.UPDATE: wire.ciphertexts_to_record(distinct)}),
+                          dst_node_id=0, message_type="train")
+        store.preregister(1, get_object_tree(message))
+        for object_id, item in get_all_nested_objects(message).items():
+            store.put(object_id, item.deflate())
+        del message, distinct
+    return {"growth_mb": (me.memory_info().rss - baseline) / 1e6,
+            "update_mb": sum(len(b) for b in blobs) / 1e6}
+
+
+def superlink_rows(folder: Path, counts: list[int]) -> list[str]:
+    """`store_at_superlink` in a fresh process per store and count."""
+    lines = []
+    for database, where in ((":flwr-in-memory:", "in memory (simulation)"),
+                            (str(folder / "superlink.db"), "SQLite file (deployment)")):
+        for count in counts:
+            done = subprocess.run([sys.executable, __file__, "--store", json.dumps(
+                [str(folder), database, count])], capture_output=True, text=True, check=True)
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+            Path(folder / "superlink.db").unlink(missing_ok=True)
+            lines.append(f"| {where} | {count} | {found['update_mb']:.1f} | "
+                         f"{found['growth_mb']:.0f} |")
+    return lines
+
+
 # ---------------------------------------------------------------- driver
 def run_server(config: Config) -> dict[str, float]:
     """`serve(config)` in a fresh Python process (its own peak RSS)."""
@@ -315,7 +368,8 @@ class Row:
 
 
 def measure_model(model: str, params: int, presets: list[str], site_counts: list[int],
-                  workers: list[int], batch: bool, distinct: int, work: Path) -> list[Row]:
+                  workers: list[int], batch: bool, distinct: int, work: Path,
+                  superlink: list[int]) -> list[Row]:
     updates = site_updates(params, distinct)
     weight = 1.0 / max(site_counts)  # every site's a_k: the sum stays within s <= 1
     rows = []
@@ -344,6 +398,10 @@ def measure_model(model: str, params: int, presets: list[str], site_counts: list
                               served["baseline_rss_mb"], decrypt_s, error)
                     print(format_row(row), flush=True)
                     rows.append(row)
+        if superlink and preset == presets[0]:
+            print(f"\nSuperLink object store, {model} {preset} replies waiting to be pulled:\n"
+                  "| store | replies | update MB | RSS growth MB |\n|---|---|---|---|\n"
+                  + "\n".join(superlink_rows(folder, superlink)) + "\n", flush=True)
         for path in folder.glob("*.bin"):
             path.unlink()
     return rows
@@ -412,10 +470,17 @@ def main() -> None:
     parser.add_argument("--plaintext-max-params", type=int, default=12_000_000,
                         help="largest model the plaintext row runs for: CheckedFedAvg holds "
                              "every reply and its float64 grid terms (5 GB at 62M x 5 sites)")
+    parser.add_argument("--superlink-replies", default="",
+                        help="also measure the SuperLink's object store holding this many "
+                             "replies of each model's first preset, e.g. 2,10")
+    parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.serve:
         print(json.dumps(serve(Config(**json.loads(args.serve)))))
+        return
+    if args.store:
+        print(json.dumps(store_at_superlink(*json.loads(args.store))))
         return
     check_zoo()
     workers_first = sorted(int(w) for w in args.workers.split(","))
@@ -434,7 +499,8 @@ def main() -> None:
                                   site_counts if scaled else site_counts[:1],
                                   workers if scaled else [1],
                                   model in args.batch_models.split(","), args.distinct,
-                                  Path(work))
+                                  Path(work), [int(n) for n in args.superlink_replies.split(",")
+                                               if n])
     ratios = []
     if "densenet121" in args.models.split(","):
         print("\n| training images | train s | preset | sites | encrypted round s | "
