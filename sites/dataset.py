@@ -183,7 +183,8 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
     index = index_site(data_dir, labels=labels, seed=seed, remember=remember,
                        limits=limits)
     if volume_depth is not None:
-        return _volume_splits(index, (image_size, volume_depth), task, cache_dir, limits)
+        return _volume_splits(data_dir, index, (image_size, volume_depth), task, cache_dir,
+                              limits)
     skipped = list(index.skipped)
     images = index.images
     if task == "segmentation":  # masks were checked against their images when labels were joined
@@ -213,8 +214,8 @@ def _item(x: Labeled, task: str) -> dict[str, object]:
                          mask=str(x.mask) if task == "segmentation" else None)
 
 
-def _volume_splits(index: SiteIndex, grid: tuple[int, int], task: str, cache_dir: Path | None,
-                   limits: DataLimits) -> SiteSplits:
+def _volume_splits(data_dir: Path, index: SiteIndex, grid: tuple[int, int], task: str,
+                   cache_dir: Path | None, limits: DataLimits) -> SiteSplits:
     """A 3D model's datasets: the site's labeled volumes (with masks, for segmentation)."""
     skipped = [*index.skipped, *index.series_skipped]
     volumes = index.volumes
@@ -225,9 +226,10 @@ def _volume_splits(index: SiteIndex, grid: tuple[int, int], task: str, cache_dir
                     for x in volumes if x.mask is None]
         volumes = [x for x in volumes if x.mask is not None]
     if not volumes:
-        raise SiteDataError(f"site folder {index.name} has no usable labeled volume (a CT/MR "
+        raise SiteDataError(f"site folder {data_dir} has no usable labeled volume (a CT/MR "
                             f"series or Enhanced object; {len(index.series_skipped)} series "
-                            "skipped): run `fedhealth site check` on it for details")
+                            f"skipped) for a 3D model: run `fedhealth site check {data_dir}` "
+                            "for details, or choose a 2D model")
     transform = volume_transforms(grid[0], grid[1], masks=task == "segmentation",
                                   limits=limits)
     usable = set(volumes)
