@@ -81,9 +81,11 @@ def _instruction(config: RunConfig, key: SiteKey | None, server_round: int) -> M
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
-def _context(data_dir: Path, state: Path, key_file: Path, **settings: object) -> Context:
-    node_config = {"site-name": "hosp-a", "data-dir": str(data_dir), "state-dir": str(state),
-                   "key-file": str(key_file), "audit-log": str(state / "audit.jsonl"), **settings}
+def _context(data_dir: Path, state: Path, key_file: Path,
+             **settings: bool | float | int | str) -> Context:
+    node_config: dict[str, bool | float | int | str] = {
+        "site-name": "hosp-a", "data-dir": str(data_dir), "state-dir": str(state),
+        "key-file": str(key_file), "audit-log": str(state / "audit.jsonl"), **settings}
     return Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
@@ -103,7 +105,7 @@ def test_clipping_bounds_the_norm_of_what_a_site_encrypts(synth_federation: Path
     layout = TensorLayout.of(start)
     a_k = 1 / SITES
     # one site's reply decrypted alone: s = a_k, the mean is what the site encrypted / a_k
-    sent = layout.flatten(decrypt_global(site_key, reply.content[wire.UPDATE], layout, a_k,
+    sent = layout.flatten(decrypt_global(site_key, reply.content.array_records[wire.UPDATE], layout, a_k,
                                          binding=RoundBinding(TRAINING, 1)))
     privacy = UpdatePrivacy.of(CONFIG)
     assert privacy is not None
@@ -220,7 +222,7 @@ def test_a_site_over_its_budget_refuses_to_train(synth_federation: Path, key_dir
     first = client_app.train(_instruction(config, None, 1), context)
     assert not first.has_error(), first.error
     second = client_app.train(_instruction(config, None, 2), context)
-    assert second.has_error() and second.error.reason.startswith("privacy-budget error at the site")
+    assert second.has_error() and str(second.error.reason).startswith("privacy-budget error at")
     entries = AuditLog(state / "audit.jsonl").entries()
     assert [(e["kind"], e["round"]) for e in entries] == [("privacy", 1), ("train", 1), ("train", 2)]
     assert entries[0]["epsilon"] == one and "error" in entries[2]
@@ -236,7 +238,7 @@ def test_a_site_with_a_budget_refuses_a_run_without_noise(synth_federation: Path
     context = _context(synth_federation / "hospital-1", tmp_path, key_dir / wire.SITE_KEY_FILE,
                        **{"max-epsilon": 10})
     reply = client_app.train(_instruction(config, None, 1), context)
-    assert reply.has_error() and reply.error.reason.startswith("privacy-budget")
+    assert reply.has_error() and str(reply.error.reason).startswith("privacy-budget")
     assert "adds no differential-privacy noise" in (tmp_path / "errors.jsonl").read_text()
 
 
