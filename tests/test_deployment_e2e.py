@@ -14,7 +14,6 @@ aggregator.ctx.
 """
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -23,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from typer.testing import CliRunner
 from fedhealth.app.cli import app
 from fedhealth.app.deployment import pki
 from fedhealth.app.deployment.bundles import CoordinatorBundle, init_federation
-from fedhealth.app.flower_cli import default_app_dir, executable, flower_env
+from fedhealth.app.flower_cli import default_app_dir, executable, flower_env, unpack_app
 from fedhealth.core.synth.federation import synthesize_federation
 from sites.app_approval import fab_bytes, fab_sha256
 from sites.audit import REFUSAL_KIND, AuditLog
@@ -96,13 +94,6 @@ class Processes:
                 process.wait(timeout=10)
         wait_for(lambda: not any(alive_in_session(p.pid) for p in self.started.values()), 10,
                  "every process the test started to be gone")
-
-
-def unpack_app(fab: bytes, folder: Path) -> Path:
-    """The app folder a FAB holds (without the manifest Flower adds when it builds one)."""
-    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
-        bundle.extractall(folder, [n for n in bundle.namelist() if not n.startswith(".info/")])
-    return folder
 
 
 def approve(app_dir: Path, config: Path) -> str:

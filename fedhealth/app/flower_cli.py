@@ -7,7 +7,9 @@ its own in simulation mode) both submit runs, follow their logs and read their s
 holding one named connection, so a user's own ~/.flwr is never read or changed.
 """
 
+import atexit
 import contextlib
+import io
 import json
 import os
 import re
@@ -15,9 +17,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import tomllib
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from flwr.common.config import parse_config_args
@@ -61,6 +66,28 @@ def default_app_dir() -> Path:
         raise FlowerError(f"no pyproject.toml in {root}: `flwr run` needs the fedhealth project "
                           "folder (a checkout or an unpacked source archive); pass its path")
     return root
+
+
+def unpack_app(fab: bytes, folder: Path) -> Path:
+    """The app folder a FAB holds (without the manifest Flower adds when it builds one)."""
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        bundle.extractall(folder, [n for n in bundle.namelist() if not n.startswith(".info/")])
+    return folder
+
+
+@lru_cache(maxsize=1)
+def staged_app_dir() -> Path:
+    """The project folder as Flower bundles it, unpacked once per process.
+
+    `flwr run` on a checkout walks every file under it, the virtualenv included, before it
+    filters by `fab-include` (about 4 s a run); on this copy it reads the app's files only. The
+    copy is taken when first asked for, so one process runs one version of the app throughout.
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    folder = Path(tempfile.mkdtemp(prefix="fedhealth-app-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return unpack_app(build_fab_from_disk(default_app_dir()), folder)
 
 
 def submitted_run_config(app_dir: Path, overrides: Sequence[str]) -> RunConfig:

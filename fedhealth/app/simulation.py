@@ -30,8 +30,8 @@ from fedhealth.app.flower_cli import (
     COMPLETED,
     FlowerError,
     FlwrCli,
-    default_app_dir,
     executable,
+    staged_app_dir,
     stop,
 )
 from fedhealth.core.config import RunConfig
@@ -138,7 +138,7 @@ def simulate(config: RunConfig, *, num_sites: int | None = None, verbose: bool =
                                          delete=False) as run_config:
             run_config.write(run_config_toml(config))
         try:
-            run_id = link.cli.submit(default_app_dir(), [run_config.name], [federation])
+            run_id = link.cli.submit(staged_app_dir(), [run_config.name], [federation])
             _forward(link.cli.stream_log(run_id), verbose)
             status = link.cli.status(run_id)
         except FlowerError as err:
