@@ -75,8 +75,10 @@ def pipeline_steps(image_size: int, reader: dict[str, object], masks: bool = Fal
          "channel_dim": "no_channel"}] if masks else []
     image = f"d['{IMAGE}']"
     return [
+        # dtype None: pixels as decoded, so a multi-frame file's kept decode is not converted
+        # whole for each frame's item (float32 comes with the channel step, one frame at a time)
         {"_target_": "monai.transforms.LoadImaged", "keys": IMAGE, "reader": reader,
-         "image_only": True},
+         "image_only": True, "dtype": None},
         *load_masks,
         # PALETTE COLOR indices (plain PydicomReader) -> RGB with the file's own colour table
         {"_target_": "monai.transforms.Lambda",
@@ -90,7 +92,7 @@ def pipeline_steps(image_size: int, reader: dict[str, object], masks: bool = Fal
                  f"if d['{FRAME}'] != {NO_FRAME} else d"},
         # rows x columns (x 3) -> 1 or 3 channels first: colour's channel axis is the last
         {"_target_": "monai.transforms.Lambda",
-         "func": f"$lambda d: {{**d, '{IMAGE}': {_channels(in_channels, image)}}}"},
+         "func": f"$lambda d: {{**d, '{IMAGE}': ({_channels(in_channels, image)}).float()}}"},
         {"_target_": "monai.transforms.ScaleIntensityRangePercentilesd", "keys": IMAGE,
          "lower": 0.5, "upper": 99.5, "b_min": 0.0, "b_max": 1.0, "clip": True},
         # MONOCHROME1 to MONOCHROME2's sense: the flag is the data list's, the values in [0, 1]
@@ -108,7 +110,7 @@ def pipeline_steps(image_size: int, reader: dict[str, object], masks: bool = Fal
 
 
 def _channels(in_channels: int, image: str) -> str:
-    """The expression giving `image` (rows x columns, or rows x columns x 3 RGB) as
+    """The expression giving `image` (rows x columns, or rows x columns x 3 RGB, any dtype) as
     `in_channels` x rows x columns."""
     colour = f"{image}.movedim(-1, 0)"
     grey = f"{image}[None]"
