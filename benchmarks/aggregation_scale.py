@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -174,12 +175,12 @@ class DiskSuperLink:
                          ) -> list[object]:
         return self.pull_messages(self.push_messages(messages))
 
-    def _reply(self, instruction: object) -> object:
+    def _reply(self, instruction: Any) -> object:
         from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
         from fedhealth.core.crypto import wire
 
-        node = instruction.metadata.dst_node_id  # type: ignore[attr-defined]
+        node = instruction.metadata.dst_node_id
         started = time.perf_counter()
         path = Path(self.config.data) / f"update-{(node - 1) % distinct_updates(self.config)}.bin"
         crypto = ConfigRecord({wire.SITE: f"site-{node}"})
@@ -187,7 +188,7 @@ class DiskSuperLink:
             arrays = ArrayRecord({"w": Array(np.fromfile(path, dtype=np.float32))})
             content = RecordDict({wire.ARRAYS: arrays})
         else:
-            site_weight = instruction.content.config_records[wire.CRYPTO][wire.SITE_WEIGHT]  # type: ignore[attr-defined]
+            site_weight = instruction.content.config_records[wire.CRYPTO][wire.SITE_WEIGHT]
             crypto.update({wire.FINGERPRINT: self.fingerprint,
                            wire.LAYOUT_HASH: self.layout_hash, wire.SITE_WEIGHT: site_weight})
             content = RecordDict({wire.UPDATE: wire.ciphertexts_to_record(read_blobs(path))})
@@ -243,18 +244,20 @@ def serve(config: Config) -> dict[str, float]:
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     checkpoint = Path(config.data) / f"checkpoint-{os.getpid()}"
-    nodes = {"min_train_nodes": config.sites, "min_available_nodes": config.sites,
-             "min_evaluate_nodes": config.sites}
+    nodes: dict[str, Any] = {"min_train_nodes": config.sites,
+                             "min_available_nodes": config.sites,
+                             "min_evaluate_nodes": config.sites}
+    strategy: Any
     if config.preset == "plaintext":
         from strategies.plaintext_fedavg import CheckedFedAvg
-        strategy = CheckedFedAvg(uniform_weights=True, **nodes)  # type: ignore[arg-type]
+        strategy = CheckedFedAvg(uniform_weights=True, **nodes)
         link = DiskSuperLink(config, "", "")
     else:
         from fedhealth.core.crypto.aggregator_key import load_aggregator_context
         from strategies.encrypted_fedavg import EncryptedFedAvg
         key = load_aggregator_context(Path(config.data) / "aggregator.ctx")
         strategy = EncryptedFedAvg(key, uniform_weights=True, min_replies=config.sites,
-                                   workers=config.workers, checkpoint_dir=checkpoint, **nodes)  # type: ignore[arg-type]
+                                   workers=config.workers, checkpoint_dir=checkpoint, **nodes)
         layout = TensorLayout.of({"w": np.zeros(config.params, dtype=np.float32)}).hash
         link = DiskSuperLink(config, key.fingerprint, layout)
     if config.preset != "plaintext":
@@ -263,20 +266,20 @@ def serve(config: Config) -> dict[str, float]:
     baseline = me.memory_info().rss + sum(c.memory_info().rss for c in me.children())
     sampler = PeakRss()
     started = time.perf_counter()
-    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), link)  # type: ignore[arg-type]
+    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), link)
     replies: Iterator[object] | list[object] = (
         StreamingGrid(link).send_and_receive(messages) if config.mode == "streamed"  # type: ignore[arg-type]
         else link.send_and_receive(messages))
-    arrays, _ = strategy.aggregate_train(1, replies)  # type: ignore[arg-type]
+    arrays, _ = strategy.aggregate_train(1, replies)
     seconds = time.perf_counter() - started
     if config.preset != "plaintext":
-        strategy.close()  # type: ignore[union-attr]
+        strategy.close()
     peak = max(sampler.stop(), own_peak_rss())
     assert arrays is not None, "the round must produce a new global"
     checkpoint_s = 0.0
     if config.preset != "plaintext":
         from strategies.checkpoint import EncryptedGlobal, save_checkpoint
-        state: EncryptedGlobal = strategy.current  # type: ignore[union-attr, assignment]
+        state: EncryptedGlobal = strategy.current
         started = time.perf_counter()
         save_checkpoint(checkpoint, state)  # again, to say how much of the round it took
         checkpoint_s = time.perf_counter() - started

@@ -52,7 +52,7 @@ def _worker(key: AggregatorKey, conn: Connection) -> None:
             conn.send(None)
         elif name == "fold":
             spans, first_index, expected = args
-            assert buffer is not None, "a reply is copied into the buffer before it is folded"
+            assert buffer is not None and buffer.buf is not None, "copied in before a fold"
             last = _Blobs(buffer.buf, spans)
             running = sums.setdefault(sum_id, RunningSum(key, expected, first_index))
             try:
@@ -143,9 +143,11 @@ class SumWorkers:
             self._release_buffer()
             self.buffer = SharedMemory(create=True, size=needed)
             self.ask_all([("attach", 0, self.buffer.name)] * len(self.pipes))
+        view = self.buffer.buf
+        assert view is not None, "a SharedMemory we created is mapped"
         spans, offset = [], 0
         for blob in blobs:
-            self.buffer.buf[offset:offset + len(blob)] = blob
+            view[offset:offset + len(blob)] = blob
             spans.append((offset, len(blob)))
             offset += len(blob)
         return spans

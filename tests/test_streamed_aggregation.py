@@ -5,6 +5,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ class CountingGrid(FakeGrid):
         replies = super().pull_messages(message_ids)
         for reply in replies:
             if wire.UPDATE in reply.content:
-                self.alive.append(weakref.ref(reply.content[wire.UPDATE]))
+                self.alive.append(weakref.ref(cast(ArrayRecord, reply.content[wire.UPDATE])))
                 self.peaks.append(sum(ref() is not None for ref in self.alive))
         return replies
 
