@@ -160,6 +160,8 @@ class SiteDicomReader(PydicomReader):
             raise UnusableImage(f"decoded pixels have shape {array.shape}, the header declares "
                                 f"{' x '.join(map(str, declared))} ((NumberOfFrames x) Rows x "
                                 "Columns (x SamplesPerPixel)): damaged header")
+        if not array.dtype.isnative:  # Big Endian files: torch holds native byte order only
+            array = array.astype(array.dtype.newbyteorder("="))
         if data.PhotometricInterpretation == "PALETTE COLOR":
             try:
                 array = apply_color_lut(array, data)

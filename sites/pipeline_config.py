@@ -40,9 +40,12 @@ SWAP_IJ = False
 BUNDLE_READER: dict[str, object] = {"_target_": "monai.data.PydicomReader", "swap_ij": SWAP_IJ}
 
 
+_SITE_READER = "sites.dicom_files.SiteDicomReader"
+
+
 def site_reader(max_image_bytes: int) -> dict[str, object]:
     """The site's reader: PydicomReader that refuses files over its size limit before decoding."""
-    return {"_target_": "sites.dicom_files.SiteDicomReader", "max_image_bytes": max_image_bytes}
+    return {"_target_": _SITE_READER, "max_image_bytes": max_image_bytes}
 
 
 def datalist_item(image: str, label: int, monochrome1: bool, frame: int = NO_FRAME,
@@ -74,11 +77,14 @@ def pipeline_steps(image_size: int, reader: dict[str, object], masks: bool = Fal
         {"_target_": "monai.transforms.EnsureChannelFirstd", "keys": MASK,
          "channel_dim": "no_channel"}] if masks else []
     image = f"d['{IMAGE}']"
+    # The site's reader returns native byte order and keeps a multi-frame file's decode: its pixels
+    # load as decoded, so no frame's item converts the whole file (float32 comes with the channel
+    # step, one frame at a time). Plain PydicomReader may return big-endian arrays, which torch
+    # cannot hold: they load as float32 (the same values).
+    dtype = None if reader["_target_"] == _SITE_READER else "$numpy.float32"
     return [
-        # dtype None: pixels as decoded, so a multi-frame file's kept decode is not converted
-        # whole for each frame's item (float32 comes with the channel step, one frame at a time)
         {"_target_": "monai.transforms.LoadImaged", "keys": IMAGE, "reader": reader,
-         "image_only": True, "dtype": None},
+         "image_only": True, "dtype": dtype},
         *load_masks,
         # PALETTE COLOR indices (plain PydicomReader) -> RGB with the file's own colour table
         {"_target_": "monai.transforms.Lambda",
