@@ -45,7 +45,7 @@ def test_integer_is_accepted_for_a_float_field() -> None:
 
 @pytest.mark.parametrize(("key", "typo", "choices"), [
     ("policy", "fedbm", "fedavg, fedprox, fedbn, fedper, fedrep, ditto"),
-    ("model", "densenet", "densenet121, tiny, unet"),
+    ("model", "densenet", "densenet121, tiny, unet, tiny-3d, densenet121-3d, segresnet-3d"),
     ("crypto-preset", "defualt", "default, compact, nvflare"),
     ("optimizer", "adamw", "adam, sgd"),
 ])
