@@ -4,6 +4,8 @@ The sums go through the aggregator's own `sum_updates`; sizes are small but span
 ciphertexts, and the parallel tests span enough of them to use the worker processes.
 """
 
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedhealth.core.crypto import packed_digits, wire
-from fedhealth.core.crypto.chunk_pool import MIN_PARALLEL_CIPHERTEXTS
+from fedhealth.core.crypto.chunk_pool import MIN_PARALLEL_CIPHERTEXTS, worker_pids
 from fedhealth.core.crypto.codec import (
     IntegrityError,
     Packing,
@@ -272,3 +274,18 @@ def test_two_rounds_through_the_site_messages(packed: tuple[SiteKey, AggregatorK
         r = quantization.range_bits(float(np.max(np.abs(sent[0][name] / (4.0 if "var" in name
                                                                           else 1.0)))))
         assert np.max(np.abs(got[name] - exact)) <= quantization.mean_error(3, 1.0, r), name
+
+
+def test_a_killed_worker_costs_time_not_the_update(tmp_path: Path) -> None:
+    site, _ = keys(tmp_path, "packed")
+    params = MIN_PARALLEL_CIPHERTEXTS * Packing.of(1, site.preset).params_per_ciphertext
+    update = {"w": np.random.default_rng(5).uniform(-1, 1, params).astype(np.float32)}
+    layout = TensorLayout.of(update)
+    expected = decrypt_global(site, encrypt_update(site, update, 1.0, workers=2), layout, 1.0)
+    killed = worker_pids()
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    record = encrypt_update(site, update, 1.0, workers=2)  # its pool died under it
+    assert decrypt_global(site, record, layout, 1.0, workers=2)["w"].tobytes() == \
+        expected["w"].tobytes()
+    assert killed and not set(killed) & set(worker_pids())  # a new pool took over

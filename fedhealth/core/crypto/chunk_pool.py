@@ -24,6 +24,7 @@ import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import pairwise
 from multiprocessing import get_context
@@ -66,12 +67,19 @@ def here_and_away(key: SiteKey, here: Callable[[SiteKey, Job], Result], job: Job
     away(key, j) for each of `jobs`.
 
     `away` must be a module-level function (it is pickled by name) and `jobs` small: big arrays
-    travel as `Region`s of a `SharedFile`, not through the pool's pipe.
+    travel as `Region`s of a `SharedFile`, not through the pool's pipe. If a worker dies, this
+    process runs the jobs itself: slower, never wrong.
     """
-    pool = _pool(len(jobs))
-    futures: list[Future[Done]] = [pool.submit(_run, away, key.raw, j) for j in jobs]
+    futures: list[Future[Done]] = []
     try:
-        return here(key, job), [future.result() for future in futures]
+        try:
+            pool = _pool(len(jobs))
+            futures = [pool.submit(_run, away, key.raw, j) for j in jobs]
+            first = here(key, job)
+            return first, [future.result() for future in futures]
+        except BrokenProcessPool:  # a worker died (killed, out of memory): the jobs run here,
+            _POOLS.pop(len(jobs), None)  # and the next call starts a new pool
+            return here(key, job), [away(key, j) for j in jobs]
     finally:
         for future in futures:
             future.cancel()
