@@ -46,7 +46,7 @@ def test_integer_is_accepted_for_a_float_field() -> None:
 @pytest.mark.parametrize(("key", "typo", "choices"), [
     ("policy", "fedbm", "fedavg, fedprox, fedbn, fedper, fedrep, ditto"),
     ("model", "densenet", "densenet121, tiny, unet, tiny-3d, densenet121-3d, segresnet-3d"),
-    ("crypto-preset", "defualt", "default, compact, nvflare"),
+    ("crypto-preset", "defualt", "default, compact, nvflare, packed"),
     ("optimizer", "adamw", "adam, sgd"),
 ])
 def test_unknown_name_is_refused_naming_the_field_and_the_choices(key: str, typo: str,
