@@ -87,8 +87,10 @@ mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_P
 resource.setrlimit(resource.RLIMIT_AS, (mapped + 2 * 1024**3, resource.RLIM_INFINITY))
 tracemalloc.start()
 result = inspect_file(Path(sys.argv[1]))
-print(tracemalloc.get_traced_memory()[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-      result.reason)
+# this process's own peak RSS (kB): ru_maxrss would keep the forking parent's across exec
+high_water = next(line for line in Path("/proc/self/status").read_text().splitlines()
+                  if line.startswith("VmHWM:"))
+print(tracemalloc.get_traced_memory()[1], high_water.split()[1], result.reason)
 """
 
 
