@@ -133,12 +133,13 @@ def _facts(kept: ArchivedRound, key: SiteKey) -> BundleFacts:
     config = RunConfig.from_flower(kept.facts.run_config)
     limits = DataLimits(**kept.facts.limits)  # type: ignore[arg-type]
     task = model_spec(config.model).task
-    steps = pipeline_steps(config.image_size, BUNDLE_READER)
+    steps = pipeline_steps(config.image_size, BUNDLE_READER, in_channels=config.in_channels)
     return BundleFacts(
         site=kept.facts.site, training_id=kept.facts.training_id,
         server_round=kept.facts.server_round, policy=config.policy, model=config.model,
         task=task, num_classes=limits.num_classes, image_size=config.image_size,
-        batch_size=config.batch_size, max_image_mb=limits.max_image_mb,
+        in_channels=config.in_channels, batch_size=config.batch_size,
+        max_image_mb=limits.max_image_mb,
         threshold=kept.facts.threshold, crypto_preset=key.preset.name,
         key_fingerprint=key.fingerprint,
         preprocessing=[str(step["_target_"]).rsplit(".", 1)[-1] for step in steps])
@@ -163,7 +164,8 @@ def _model(kept: ArchivedRound, key: SiteKey) -> "torch.nn.Module":
         raise ExportError(f"{where}: the stored global is refused, not exported: {err}") from None
     config = RunConfig.from_flower(facts.run_config)
     network = build_model(config.model, num_classes=int(facts.limits["num_classes"]),  # type: ignore[call-overload]
-                          image_size=config.image_size, seed=config.seed)
+                          image_size=config.image_size, in_channels=config.in_channels,
+                          seed=config.seed)
     state = {**(shared or {}), **kept.site_tensors}
     names = list(network.state_dict())
     if missing := [n for n in names if n not in state]:
@@ -182,6 +184,9 @@ def _metadata(facts: BundleFacts) -> dict[str, object]:
     size = [facts.image_size, facts.image_size]
     seg = facts.task == "segmentation"
     classes = {str(c): _class_name(c, facts.num_classes) for c in range(facts.num_classes)}
+    rgb = facts.in_channels == 3
+    channels = "three channels, RGB" if rgb else "one greyscale channel (colour as its luma)"
+    channel_def = {"0": "R", "1": "G", "2": "B"} if rgb else {"0": "image"}
     version = importlib.metadata.version("fedhealth")
     return {
         "schema": MONAI_SCHEMA,
@@ -193,19 +198,19 @@ def _metadata(facts: BundleFacts) -> dict[str, object]:
         "numpy_version": np.__version__,
         "required_packages_version": {"fedhealth": version, "pydicom": pydicom.__version__},
         "name": f"fedhealth {facts.model} ({facts.policy}) of site {facts.site}",
-        "task": f"{facts.task} of 2D greyscale DICOM images",
+        "task": f"{facts.task} of 2D DICOM images ({channels})",
         "description": f"A {facts.policy} federation's model as site {facts.site} scored it "
                        f"after round {facts.server_round}; see docs/README.md.",
         "authors": f"site {facts.site} of federated training {facts.training_id}",
         "copyright": f"site {facts.site}",
         "data_type": "dicom",
-        "image_classes": "one greyscale channel, windowed to its 0.5-99.5 percentiles in [0, 1]",
+        "image_classes": f"{channels}, windowed to its 0.5-99.5 percentiles in [0, 1]",
         "label_classes": classes,
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "DX/CR",
-                                 "num_channels": 1, "spatial_shape": size, "dtype": "float32",
-                                 "value_range": [0, 1], "is_patch_data": False,
-                                 "channel_def": {"0": "image"}}},
+                                 "num_channels": facts.in_channels, "spatial_shape": size,
+                                 "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": False, "channel_def": channel_def}},
             "outputs": {"pred": {"type": "probabilities",
                                  "format": "segmentation" if seg else "classes",
                                  "num_channels": facts.num_classes,

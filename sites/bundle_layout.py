@@ -51,6 +51,7 @@ class BundleFacts:
     task: str
     num_classes: int
     image_size: int
+    in_channels: int
     batch_size: int
     max_image_mb: float
     threshold: float | None
@@ -86,11 +87,13 @@ def inference_config(facts: BundleFacts) -> dict[str, object]:
         "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cpu')",
         "network_def": {"_target_": "fedhealth.core.models.build_model", "name": facts.model,
-                        "num_classes": facts.num_classes, "image_size": facts.image_size},
+                        "num_classes": facts.num_classes, "image_size": facts.image_size,
+                        "in_channels": facts.in_channels},
         "network": "$@network_def.to(@device)",
         "datalist": folder_datalist("@dataset_dir"),
         "preprocessing": {"_target_": "Compose",
-                          "transforms": pipeline_steps(facts.image_size, BUNDLE_READER)},
+                          "transforms": pipeline_steps(facts.image_size, BUNDLE_READER,
+                                                        in_channels=facts.in_channels)},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset",
                        "batch_size": facts.batch_size, "shuffle": False, "num_workers": 0},

@@ -87,7 +87,8 @@ def predict(bundle: Path, studies: Path, seg_dir: Path | None = None) -> Predict
     limits = DataLimits(facts.max_image_mb, facts.num_classes)
     scan = scan_tree(studies, max_image_bytes=limits.max_image_bytes)
     dataset = Dataset(_items(scan.images), transform=site_transforms(facts.image_size,
-                                                                     limits=limits))
+                                                                     limits=limits,
+                                                                     in_channels=facts.in_channels))
     logits: list[torch.Tensor] = []
     shares: list[torch.Tensor] = []  # segmentation: each class's share of an image's pixels
     with torch.no_grad():

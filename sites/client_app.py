@@ -55,24 +55,25 @@ app = ClientApp()
 @lru_cache(maxsize=8)
 def _site_data(data_dir: Path, labels: Path | None, image_size: int, seed: int,
                cache_dir: Path, task: str, limits: DataLimits,
-               volume_depth: int | None) -> SiteSplits:
+               volume_depth: int | None, in_channels: int) -> SiteSplits:
     return load_site(data_dir, labels=labels, image_size=image_size, seed=seed,
-                     cache_dir=cache_dir, task=task, limits=limits, volume_depth=volume_depth)
+                     cache_dir=cache_dir, task=task, limits=limits, volume_depth=volume_depth,
+                     in_channels=in_channels)
 
 
 def site_data(site: SiteSettings, config: RunConfig) -> SiteSplits:
     """Index and decode a site's DICOM once per process; decoded tensors also persist on disk."""
     return _site_data(site.data_dir, site.labels, config.image_size, config.seed,
                       site.state_dir / "cache", model_spec(config.model).task, site.limits,
-                      volume_depth_of(config))
+                      volume_depth_of(config), config.in_channels)
 
 
 @lru_cache(maxsize=8)
 def shared_layout(model: str, policy: str, num_classes: int, image_size: int,
-                  dp_sgd: bool) -> TensorLayout:
+                  dp_sgd: bool, in_channels: int = 1) -> TensorLayout:
     """The layout of the tensors this site shares: what E(global) must decrypt into."""
     network = site_model(model, num_classes=num_classes, image_size=image_size, seed=0,
-                         dp_sgd=dp_sgd)
+                         dp_sgd=dp_sgd, in_channels=in_channels)
     shared, _ = get_policy(policy).partition(network).split(
         {n: t.numpy() for n, t in network.state_dict().items()})
     return TensorLayout.of(shared)
@@ -99,7 +100,8 @@ class SiteRound:
     @property
     def layout(self) -> TensorLayout:
         return shared_layout(self.config.model, self.config.policy, self.splits.num_classes,
-                             self.config.image_size, self.settings.dp_sgd)
+                             self.config.image_size, self.settings.dp_sgd,
+                             self.config.in_channels)
 
     def global_shared(self) -> dict[str, np.ndarray] | None:
         received = self.exchange.global_shared(self.layout)

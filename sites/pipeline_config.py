@@ -20,6 +20,8 @@ stays as it is; a three-channel model sees RGB, and greyscale repeated on all th
 Kept free of torch and MONAI imports: `sites.bundle_layout` loads with the CLI.
 """
 
+from fedhealth.core.config import IN_CHANNELS
+
 # The data list's keys: the DICOM file, its label (-1: unknown), whether it is stored
 # dark-is-dense (PhotometricInterpretation MONOCHROME1), which the pipeline inverts, the frame of a
 # multi-frame file the item is (NO_FRAME: a single-frame file, whose pixels have no frames axis),
@@ -30,9 +32,6 @@ NO_FRAME = -1
 # ITU-R BT.601 luma weights of R, G, B: what a one-channel model sees of a colour image (the
 # weights JPEG's YCbCr, DICOM's YBR_FULL, and PIL's convert("L") use).
 LUMA = (0.299, 0.587, 0.114)
-# Channels a model may take: greyscale/luminance, or RGB.
-CHANNELS = (1, 3)
-
 # PydicomReader's `swap_ij`, the site's and a bundle's alike: rows stay rows.
 SWAP_IJ = False
 # How a bundle run reads new studies: MONAI's PydicomReader (which applies RescaleSlope and
@@ -67,8 +66,8 @@ def pipeline_steps(image_size: int, reader: dict[str, object], masks: bool = Fal
     load, resize (nearest) and keep the training masks (`mask`: a NumPy file per image).
     Deterministic, hence cacheable.
     """
-    if in_channels not in CHANNELS:
-        raise ValueError(f"in_channels must be one of {CHANNELS} (greyscale/luminance or RGB), "
+    if in_channels not in IN_CHANNELS:
+        raise ValueError(f"in_channels must be one of {IN_CHANNELS} (greyscale/luminance or RGB), "
                          f"got {in_channels!r}")
     spatial = [IMAGE, MASK] if masks else [IMAGE]
     load_masks: list[dict[str, object]] = [

@@ -62,6 +62,7 @@ class TrainSettings:
     learning_rate: float = _RUN_DEFAULTS.learning_rate
     proximal_mu: float = _RUN_DEFAULTS.proximal_mu
     image_size: int = _RUN_DEFAULTS.image_size
+    in_channels: int = _RUN_DEFAULTS.in_channels
     balanced_loss: bool = _RUN_DEFAULTS.balanced_loss
     dp_sgd_noise_multiplier: float = _RUN_DEFAULTS.dp_sgd_noise_multiplier
     dp_sgd_clip_norm: float = _RUN_DEFAULTS.dp_sgd_clip_norm
@@ -104,11 +105,12 @@ class RoundOutput:
 
 
 def site_model(model_name: str, *, num_classes: int, image_size: int, seed: int,
-               dp_sgd: bool) -> nn.Module:
+               dp_sgd: bool, in_channels: int = 1) -> nn.Module:
     """The zoo model every site builds from the seed; under DP-SGD with BatchNorm replaced by
     GroupNorm (Opacus's fixer, deterministic: weights 1, biases 0), which changes the shared
     tensors' layout the same way at every site."""
-    model = build_model(model_name, num_classes=num_classes, image_size=image_size, seed=seed)
+    model = build_model(model_name, num_classes=num_classes, image_size=image_size,
+                        in_channels=in_channels, seed=seed)
     if not dp_sgd:
         return model
     from opacus.validators import ModuleValidator
@@ -281,7 +283,8 @@ def train_centrally(model_name: str, dataset: Dataset, settings: TrainSettings, 
                     num_classes: int, seed: int, epochs: int) -> nn.Module:
     """Train one model on one dataset: the `local` (one site) and `pooled` (all sites) baselines."""
     model = site_model(model_name, num_classes=num_classes, image_size=settings.image_size,
-                       seed=seed, dp_sgd=settings.dp_sgd).to(settings.device)
+                       seed=seed, dp_sgd=settings.dp_sgd,
+                       in_channels=settings.in_channels).to(settings.device)
     _fit(model, dataset, settings, model_spec(model_name).task, epochs=epochs, seed=seed)
     return model
 
@@ -478,7 +481,7 @@ def _assemble(policy: Policy, model_name: str, global_shared: Mapping[str, np.nd
               settings: TrainSettings, seed: int) -> tuple[nn.Module, Partition]:
     """The seed's model with the received shared tensors and the site's personal ones loaded."""
     model = site_model(model_name, num_classes=num_classes, image_size=settings.image_size,
-                       seed=seed, dp_sgd=settings.dp_sgd)
+                       seed=seed, dp_sgd=settings.dp_sgd, in_channels=settings.in_channels)
     partition = policy.partition(model)
     if global_shared is not None:
         _load(model, global_shared, partition.shared, "the global model")
@@ -494,7 +497,7 @@ def _personal_model(model_name: str, personal: Mapping[str, np.ndarray] | None,
                     seed: int) -> nn.Module:
     """Ditto's personal model: the stored one, or on first use the received global (`start`)."""
     model = site_model(model_name, num_classes=num_classes, image_size=settings.image_size,
-                       seed=seed, dp_sgd=settings.dp_sgd)
+                       seed=seed, dp_sgd=settings.dp_sgd, in_channels=settings.in_channels)
     if personal and _has_personal_model(personal):
         stored = {n[len(PERSONAL_MODEL_PREFIX):]: t for n, t in personal.items()
                   if n.startswith(PERSONAL_MODEL_PREFIX)}

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from fedhealth.core.config import OPTIMIZER_NAMES, RunConfig
 from fedhealth.core.models import build_model
 from fedhealth.core.personalization import PERSONAL_MODEL_PREFIX, POLICY_NAMES, get_policy
+from sites.pipeline_config import LUMA
 from sites.training import (
     OPTIMIZERS,
     BalancedCrossEntropy,
@@ -256,3 +257,38 @@ def test_settings_take_the_run_configs_defaults_and_optimizers() -> None:
                                      defaults.optimizer, defaults.batch_size)
     with pytest.raises(ValueError, match="learning-rate"):
         TrainSettings(learning_rate=-1.0)
+
+
+class ColourBlobs(Blobs):
+    """Blobs of one luma in two colours: red (label 1) or green (label 0), with the green one
+    dimmer by the BT.601 weights, so a one-channel (luma) model sees the same image either way."""
+
+    def __init__(self, n: int, *, seed: int) -> None:
+        super().__init__(n, seed=seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        red, green = LUMA[0], LUMA[1]
+        for i, label in enumerate(self.labels):
+            blob = self.images[i] - 0.3 * torch.randn(self.images[i].shape, generator=g)
+            channels = 0.3 * torch.randn((3, *blob.shape[1:]), generator=g)
+            if label:
+                channels[0] += blob[0]
+            else:
+                channels[1] += blob[0] * red / green
+            self.images[i] = channels
+
+
+def test_a_three_channel_model_learns_what_only_colour_tells_apart() -> None:
+    site = Site("colour", ColourBlobs(48, seed=1), ColourBlobs(16, seed=2), ColourBlobs(48, seed=3))
+    luma = torch.tensor(LUMA)[:, None, None]
+    means = [torch.stack([(site.test[i]["image"] * luma).sum(0).amax() for i in range(48)
+                          if int(site.test[i]["label"]) == c]).mean() for c in (0, 1)]
+    assert abs(float(means[0] - means[1])) < 0.1 * float(means[1])  # luma alone: alike
+    rgb = replace(SETTINGS, in_channels=3, local_epochs=4)
+    out = local_round(get_policy("fedavg"), "tiny", global_shared=None, personal=None,
+                      splits=site, settings=rgb, seed=0)
+    assert out.shared["features.0.conv.weight"].shape[1] == 3
+    scored = evaluate_site(get_policy("fedavg"), "tiny", global_shared=out.shared,
+                           personal=out.personal, splits=site, settings=rgb)
+    assert scored["balanced_accuracy"] >= 0.8
+    with pytest.raises(ValueError, match="in-channels"):
+        RunConfig(in_channels=2)

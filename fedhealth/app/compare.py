@@ -136,6 +136,7 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
                     sites = [load_site(d, image_size=config.image_size, seed=seed,
                                        task=model_spec(config.model).task,
                                        volume_depth=volume_depth_of(config),
+                                       in_channels=config.in_channels,
                                        cache_dir=work / STATE_FOLDER / d.name / "cache")
                              for d in site_dirs]
                     runs.append({**run_baseline(name, sites, config), "seed": seed})

@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # Flower's records load with the ServerApp/ClientApp, not wit
 OPTIMIZER_NAMES: tuple[str, ...] = ("adam", "sgd")
 # Smallest model input every zoo model takes: DenseNet121 shrinks its input 32-fold.
 MIN_IMAGE_SIZE = 32
+# What a model can take: greyscale (colour as its luma) or RGB (sites.pipeline_config).
+IN_CHANNELS: tuple[int, ...] = (1, 3)
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,8 @@ class RunConfig:
         so without this wait a site that joins a second late sits out round 0.
     balanced_loss: weight each class equally in a site's training loss, whatever its prevalence
         there; for sites so skewed that a model predicts only their majority class.
+    in_channels: the channels a model takes: 1 (greyscale; colour images as their BT.601 luma)
+        or 3 (RGB; greyscale repeated), what the site pipeline makes of every image.
     volume_depth: slices of the grid a 3D model's volumes are resized to (in plane: image_size);
         unused by 2D models. The model name says whether it is 3D (fedhealth.core.models).
     max_site_weight: the largest share a_k of the global any one site gets from the census of
@@ -57,6 +61,7 @@ class RunConfig:
     crypto_preset: str = "default"
     model: str = "tiny"
     image_size: int = 64
+    in_channels: int = 1
     volume_depth: int = 32
     seed: int = 0
     min_sites: int = 2
@@ -140,6 +145,8 @@ def _check_ranges(config: RunConfig) -> None:
         "num_server_rounds": (config.num_server_rounds >= 1, ">= 1"),
         "image_size": (config.image_size >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE}"),
         "volume_depth": (config.volume_depth >= MIN_IMAGE_SIZE, f">= {MIN_IMAGE_SIZE}"),
+        "in_channels": (config.in_channels in IN_CHANNELS,
+                        f"one of {', '.join(map(str, IN_CHANNELS))} (greyscale or RGB)"),
         "seed": (config.seed >= 0, ">= 0"),
         "min_sites": (config.min_sites >= 1, ">= 1"),
         "expected_sites": (config.expected_sites >= 0, ">= 0 (0: do not wait)"),
