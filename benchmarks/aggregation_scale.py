@@ -113,8 +113,9 @@ def read_blobs(path: Path) -> list[bytes]:
 def decrypt_sum(folder: Path, updates: list[np.ndarray], sites: int, weight: float
                 ) -> tuple[float, float]:
     """Seconds for a site to decrypt the sum the ServerApp wrote, and its largest error
-    against numpy's mean of what the sites encrypted."""
-    from fedhealth.core.crypto.codec import RoundBinding, decrypt_global
+    against numpy's mean of what the sites encrypted (NaN when the site refuses the sum: the
+    refusal is printed)."""
+    from fedhealth.core.crypto.codec import IntegrityError, RoundBinding, decrypt_global
     from fedhealth.core.crypto.keys import load_site_context
     from fedhealth.core.crypto.layout import TensorLayout
     from fedhealth.core.crypto.wire import ciphertexts_to_record
@@ -122,8 +123,12 @@ def decrypt_sum(folder: Path, updates: list[np.ndarray], sites: int, weight: flo
     key = load_site_context(folder / "site.ctx")
     record = ciphertexts_to_record(read_blobs(folder / "sum.bin"))
     started = time.perf_counter()
-    mean = decrypt_global(key, record, TensorLayout.of({"w": updates[0]}), sites * weight,
-                          binding=RoundBinding(TRAINING_ID, 1))["w"]
+    try:
+        mean = decrypt_global(key, record, TensorLayout.of({"w": updates[0]}), sites * weight,
+                              binding=RoundBinding(TRAINING_ID, 1))["w"]
+    except IntegrityError as exc:
+        print(f"a site refused the sum of {sites} updates: {exc}", flush=True)
+        return time.perf_counter() - started, float("nan")
     seconds = time.perf_counter() - started
     expected = np.mean([updates[k % len(updates)].astype(np.float64) for k in range(sites)],
                        axis=0)
