@@ -339,7 +339,7 @@ def test_a_segmentation_bundle_writes_a_dicom_seg_on_each_source_image(tmp_path:
     synthesize_federation(tmp_path / "data", 1, seed=5, images_per_site=6,
                           segmentation_masks=True)
     facts = BundleFacts(site="hospital-1", training_id="t", server_round=1, policy="fedbn",
-                        model="unet", task="segmentation", num_classes=2, image_size=64,
+                        model="unet", task="segmentation", num_classes=2, image_size=64, in_channels=1,
                         batch_size=4, max_image_mb=200.0, threshold=None,
                         crypto_preset="default", key_fingerprint="f", preprocessing=[])
     network = build_model("unet", num_classes=2, image_size=64, seed=1)
