@@ -17,6 +17,7 @@ turns the colour into the model's channels.
 import json
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +41,8 @@ from sites.data_limits import MB, DataLimits
 from sites.pipeline_config import NO_FRAME, SWAP_IJ
 
 _DEFAULT_MAX_BYTES = DataLimits().max_image_bytes
+# Held while pydicom's process-wide validation setting is switched (SiteDicomReader._get_meta_dict).
+_PYDICOM_SETTINGS = threading.Lock()
 # Elements larger than this (the pixel data) are read only when used, i.e. after the size check.
 _DEFER_SIZE = "256 KB"
 # PhotometricInterpretation -> SamplesPerPixel the site decodes. pydicom's decoders return YBR_FULL
@@ -141,6 +144,14 @@ class SiteDicomReader(PydicomReader):
         if last is not None and isinstance(one, str | os.PathLike) and _source(one) == last.source:
             return last.dataset
         return super().read(data, **kwargs)
+
+    def _get_meta_dict(self, img: pydicom.Dataset) -> dict:
+        # MONAI builds the metadata with pydicom's to_json_dict(suppress_invalid_tags=True), which
+        # switches pydicom's process-wide reading validation to RAISE and back. Two threads (a
+        # CacheDataset fills its cache on a thread pool) interleave that save and restore and can
+        # leave it at RAISE, after which every file with a tolerated bad value fails to read.
+        with _PYDICOM_SETTINGS:
+            return super()._get_meta_dict(img)
 
     def get_data(self, data: pydicom.Dataset) -> tuple[np.ndarray, dict]:
         last = self._last

@@ -351,3 +351,20 @@ def test_unreadable_folders_and_files_are_listed(site: Path) -> None:
         victim.chmod(0o644)
     assert reasons[str(folder)].startswith("folder cannot be read (PermissionError")
     assert reasons[str(victim)].startswith("cannot be read (PermissionError")
+
+
+def test_decoding_on_many_threads_leaves_pydicoms_validation_setting_alone() -> None:
+    # A CacheDataset decodes on a thread pool; MONAI's metadata step switches pydicom's
+    # process-wide reading validation to RAISE and back, which threads could leave at RAISE.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydicom import config
+
+    from sites.dicom_files import SiteDicomReader
+
+    before = config.settings.reading_validation_mode
+    reader = SiteDicomReader()
+    datasets = [reader.read(get_testdata_file("CT_small.dcm")) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda ds: [reader.get_data(ds) for _ in range(40)], datasets))
+    assert config.settings.reading_validation_mode == before
