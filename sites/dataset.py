@@ -200,13 +200,18 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
 
     def dataset(split: str) -> Dataset:
         items = [_item(x, task) for x in images if index.split[x.image.patient_id] == split]
-        if cache_dir is not None:
-            folder = cache_dir / f"{index.name}-{task}-{image_size}-{in_channels}ch"
-            return PersistentDataset(items, transform, cache_dir=folder)
-        return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
+        return _decoded(items, transform, cache_dir and
+                        cache_dir / f"{index.name}-{task}-{image_size}-{in_channels}ch")
 
     return SiteSplits(index.name, train=dataset("train"), val=dataset("val"), test=dataset("test"),
                       num_classes=limits.num_classes, skipped=skipped)
+
+
+def _decoded(items: list[dict[str, object]], transform: Compose, folder: Path | None) -> Dataset:
+    """Items decoded once: into `folder` on disk (kept across runs), or in memory."""
+    if folder is not None:
+        return PersistentDataset(items, transform, cache_dir=folder)
+    return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
 
 
 def _item(x: Labeled, task: str) -> dict[str, object]:
@@ -236,10 +241,8 @@ def _volume_splits(data_dir: Path, index: SiteIndex, grid: tuple[int, int], task
 
     def dataset(split: str) -> Dataset:
         items = [volume_item(x, task) for x in index.volumes_in_split(split) if x in usable]
-        if cache_dir is not None:
-            folder = cache_dir / f"{index.name}-{task}-3d-{grid[0]}x{grid[1]}"
-            return PersistentDataset(items, transform, cache_dir=folder)
-        return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
+        return _decoded(items, transform,
+                        cache_dir and cache_dir / f"{index.name}-{task}-3d-{grid[0]}x{grid[1]}")
 
     return SiteSplits(index.name, train=dataset("train"), val=dataset("val"), test=dataset("test"),
                       num_classes=limits.num_classes, skipped=skipped)
