@@ -63,17 +63,30 @@ def test_label_shift_spreads_prevalence_with_one_vendor(tmp_path: Path) -> None:
 
 
 def test_concept_shift_gives_the_same_finding_different_labels(tmp_path: Path) -> None:
-    sites = _write(tmp_path, "concept-shift", 60, masks=True)
-    negatives_with_a_nodule = []
+    sites = _write(tmp_path, "concept-shift", 80, masks=True)
+    negatives_with_a_nodule, inside = [], []
     for site in sites:
         rows = _rows(site)
-        has_nodule = [np.load(site / r["mask"]).any() for r in rows]
+        masks = [np.load(site / r["mask"]).astype(bool) for r in rows]
         labels = [int(r["label"]) for r in rows]
-        assert all(n for n, label in zip(has_nodule, labels) if label == 1)
-        negatives_with_a_nodule.append(sum(n and not label for n, label in zip(has_nodule, labels)))
-    # the first site calls every nodule a finding; the stricter ones leave smaller nodules at 0
-    assert negatives_with_a_nodule[0] == 0 and min(negatives_with_a_nodule[1:]) > 0
+        assert all(m.any() for m, label in zip(masks, labels) if label == 1)
+        negatives_with_a_nodule.append(sum(m.any() and not label for m, label in zip(masks, labels)))
+        pixels = {r["SOPInstanceUID"]: ds.pixel_array / (2**ds.BitsStored - 1.0)
+                  for r, ds in zip(rows, _images_by_uid(site, rows))}
+        inside.append({label: [float(pixels[r["SOPInstanceUID"]][m].mean())
+                               for r, m, y in zip(rows, masks, labels) if m.any() and y == label]
+                       for label in (0, 1)})
+    # two sites call every nodule a finding; the third leaves the dense ones at 0 ...
+    assert negatives_with_a_nodule[:2] == [0, 0] and negatives_with_a_nodule[2] > 0
+    # ... and its benign nodules are the brighter ones: the same finding, labelled otherwise
+    assert np.mean(inside[2][0]) > np.mean(inside[2][1]) + 0.05, inside[2]
     assert len({ds.Manufacturer for s in sites for ds in _images(s)}) == 1
+
+
+def _images_by_uid(site: Path, rows: list[dict[str, str]]) -> list[pydicom.Dataset]:
+    """The site's images in the order of its label rows."""
+    by_uid = {ds.SOPInstanceUID: ds for ds in _images(site)}
+    return [by_uid[r["SOPInstanceUID"]] for r in rows]
 
 
 def test_mixed_has_size_skew_vendors_and_prevalence_spread(tmp_path: Path) -> None:

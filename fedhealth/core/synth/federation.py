@@ -102,7 +102,11 @@ def _write_site(site_dir: Path, index: int, seed: int, design: SiteDesign, size:
     shows_nodule[: round(design.prevalence * n_images)] = True
     rng.shuffle(shows_nodule)
     radii = np.where(shows_nodule, rng.uniform(*scenario.nodule_mm, n_images), 0.0)
-    labels = (shows_nodule & (radii >= design.positive_from_mm)).astype(np.int64)
+    # Contrasts from their own stream: a scenario with one contrast draws the images it always did.
+    contrasts = np.random.default_rng([seed, index, 2]).uniform(*scenario.nodule_contrast,
+                                                               n_images)
+    labels = (shows_nodule & (radii >= design.positive_from_mm)
+              & (contrasts < design.positive_below_contrast)).astype(np.int64)
 
     def uid(*parts: object) -> str:
         return generate_uid(entropy_srcs=[str(seed), name, *map(str, parts)])
@@ -126,7 +130,7 @@ def _write_site(site_dir: Path, index: int, seed: int, design: SiteDesign, size:
                 accession=f"ACC{index + 1}{image:07d}", institution=name,
             )
             picture = render(rng, size, vendor, float(radii[image]) or None,
-                             scenario.nodule_contrast)
+                             float(contrasts[image]))
             write_image(site_dir / "export" / folder / ids.study_date / f"IM{study:04d}{vendor.file_suffix}",
                      picture, vendor, ids)
             row = {"StudyInstanceUID": ids.study_uid, "SOPInstanceUID": ids.sop_uid,

@@ -19,20 +19,24 @@ class SiteDesign:
     """One synthetic hospital.
 
     prevalence: share of its images that show a nodule.
-    positive_from_mm: its labelling protocol: a nodule is labelled a finding only from this radius
-        on (0: every nodule); smaller ones are labelled 0, as a stricter hospital would.
+    positive_from_mm, positive_below_contrast: its labelling protocol. A nodule is labelled a
+        finding only from `positive_from_mm` radius on (0: any size), as a stricter hospital
+        would, and only while its peak contrast is below `positive_below_contrast` (1: any
+        contrast): a hospital that calls dense, calcified nodules benign labels the brightest 0.
     """
 
     images: int
     prevalence: float
     vendor: Vendor
     positive_from_mm: float = 0.0
+    positive_below_contrast: float = 1.0
 
 
 @dataclass(frozen=True)
 class Scenario:
     """A federation design: one SiteDesign per hospital, and the nodules all of them draw
-    (radii uniform in `nodule_mm`, peak contrast `nodule_contrast` in [0, 1] intensity units).
+    (radii uniform in `nodule_mm`, peak contrast uniform in `nodule_contrast`, in [0, 1]
+    intensity units).
 
     split_shares: the (train, val, test) shares of patients the label manifests fix, or None to
     leave the split to each site (60/20/20). A benchmark fixes a large test split, so intervals
@@ -44,7 +48,7 @@ class Scenario:
     summary: str
     sites: tuple[SiteDesign, ...]
     nodule_mm: tuple[float, float] = NODULE_MM
-    nodule_contrast: float = 0.3
+    nodule_contrast: tuple[float, float] = (0.3, 0.3)
     split_shares: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
@@ -54,10 +58,10 @@ class Scenario:
                              "three positive shares (train, val, test) summing to 1")
 
     def label_prevalence(self, site: SiteDesign) -> float:
-        """The share of `site`'s images its protocol labels 1 (radii are uniform in nodule_mm)."""
-        low, high = self.nodule_mm
-        counted = (high - max(site.positive_from_mm, low)) / (high - low)
-        return site.prevalence * min(1.0, max(0.0, counted))
+        """The share of `site`'s images its protocol labels 1 (radius and contrast are uniform
+        and independent)."""
+        return (site.prevalence * _share_at_least(self.nodule_mm, site.positive_from_mm)
+                * (1 - _share_at_least(self.nodule_contrast, site.positive_below_contrast)))
 
     def resized(self, sites: int | None = None,
                 images_per_site: int | tuple[int, ...] | None = None) -> "Scenario":
@@ -90,6 +94,14 @@ class Scenario:
                                          for k, d in enumerate(self.sites)))
 
 
+def _share_at_least(interval: tuple[float, float], threshold: float) -> float:
+    """The share of a uniform draw from `interval` that is at least `threshold`."""
+    low, high = interval
+    if high == low:
+        return float(low >= threshold)
+    return min(1.0, max(0.0, (high - max(threshold, low)) / (high - low)))
+
+
 def spread_prevalence(sites: int, label_skew: float) -> list[float]:
     """Per-site prevalence: 0.5 +- 0.45 * label_skew, spread evenly from the first site to the last."""
     if not 0 <= label_skew <= 1:
@@ -107,11 +119,15 @@ def knob_scenario(sites: int, images_per_site: int | tuple[int, ...], label_skew
             .with_scanner_shift(scanner_shift))
 
 
-def _design(images: tuple[int, ...], prevalence: tuple[float, ...], shift: float,
-            protocols: tuple[float, ...] | None = None) -> tuple[SiteDesign, ...]:
-    protocols = protocols or (0.0,) * len(images)
-    return tuple(SiteDesign(n, p, vendor_for_site(k, shift), t)
-                 for k, (n, p, t) in enumerate(zip(images, prevalence, protocols)))
+def _design(images: tuple[int, ...], prevalence: tuple[float, ...],
+            shift: float) -> tuple[SiteDesign, ...]:
+    return tuple(SiteDesign(n, p, vendor_for_site(k, shift))
+                 for k, (n, p) in enumerate(zip(images, prevalence)))
+
+
+#: concept-shift's third hospital calls a nodule a finding only while it is fainter than this: the
+#: denser (calcified) ones it calls benign, which the other two call findings like any nodule.
+FAINT_BELOW = 0.30
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -123,11 +139,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              split_shares=(0.1, 0.1, 0.8)),
     Scenario("label-shift", "one vendor, prevalence from 15% to 85% across sites (prior shift)",
              _design((1200, 1200, 1200), (0.15, 0.5, 0.85), 0.0), split_shares=(0.2, 0.1, 0.7)),
-    Scenario("concept-shift", "one vendor, but each site labels a nodule a finding only from its "
-             "own size threshold on, few labelled cases a site: the case FedPer, FedRep and Ditto "
-             "target",
-             _design((1600, 1600, 1600), (0.4, 0.6, 1.0), 0.0, (0.0, 26.0, 32.0)),
-             nodule_mm=(20.0, 40.0), split_shares=(0.05, 0.05, 0.9)),
+    Scenario("concept-shift", "one vendor, nodules faint to dense; two sites call every nodule "
+             "a finding, the third calls the dense (calcified) ones benign; few labelled cases a "
+             "site: the case FedPer, FedRep and Ditto target",
+             (*_design((1600, 1600), (0.5, 0.5), 0.0),
+              SiteDesign(1600, 0.8, vendor_for_site(0, 0.0), positive_below_contrast=FAINT_BELOW)),
+             nodule_contrast=(0.12, 0.48), split_shares=(0.05, 0.05, 0.9)),
     Scenario("mixed", "label skew, scanner shift and size skew at once (the demo's)",
              _design((1600, 1200, 800), tuple(spread_prevalence(3, 0.5)), 0.5),
              split_shares=(0.2, 0.1, 0.7)),
