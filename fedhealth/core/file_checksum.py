@@ -7,6 +7,7 @@ flips those checks do not cover: 13 of 40 single-bit flips in a key file used to
 """
 
 import hashlib
+from typing import BinaryIO
 
 _PREFIX = b"\nfedhealth-sha256:"
 _TRAILER_SIZE = len(_PREFIX) + 64 + 1  # prefix, hex digest, newline
@@ -25,7 +26,58 @@ class ChecksumError(ValueError):
 
 def with_checksum(body: bytes) -> bytes:
     """`body` followed by its sha256 trailer."""
-    return body + _PREFIX + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    return body + _trailer(hashlib.sha256(body))
+
+
+def _trailer(digest: "hashlib._Hash") -> bytes:
+    return _PREFIX + digest.hexdigest().encode() + b"\n"
+
+
+class ChecksumWriter:
+    """A file hashed as it is written, then given the trailer `with_checksum` would add.
+
+    For a file too large to build in memory first (a checkpoint). A writer may seek back and
+    rewrite what it wrote last (zipfile fills in an entry's sizes and CRC once the entry is
+    done), so written bytes are kept in a window until the caller calls `settle()`, which
+    hashes and drops them: the window holds what was written since (one zip entry), and a
+    write before the settled part raises. `finish()` settles and appends the trailer.
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self._settled = handle.tell()
+        self._window = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        start = self._handle.tell() - self._settled
+        if not 0 <= start <= len(self._window):
+            raise ValueError(f"a write at byte {self._settled + start} of {self._handle.name} "
+                             f"falls outside the bytes not yet hashed (from "
+                             f"{self._settled}): settle() was called too early")
+        self._window[start:start + len(data)] = data
+        return self._handle.write(data)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def settle(self) -> None:
+        """Everything written so far is final: hash it and let it go."""
+        self._digest.update(self._window)
+        self._settled += len(self._window)
+        self._window.clear()
+
+    def finish(self) -> None:
+        """Append the checksum trailer over everything written, at the end of the file."""
+        self.settle()
+        self._handle.seek(self._settled)
+        self._handle.write(_trailer(self._digest))
 
 
 def verified_body(data: bytes, source: str) -> bytes:
