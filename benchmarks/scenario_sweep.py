@@ -6,38 +6,42 @@
 Each scenario is synthesized once (its own sizes unless --images-per-site), then `compare` runs
 all strategies with the run config's default schedule for each seed. Prints one markdown table
 per scenario (mean balanced accuracy over seeds, ± 95% interval over test images, and the winner),
-and writes everything to OUT/sweep.json with the wall time of each scenario.
+and writes everything to OUT/sweep.json with the wall time of each scenario. A scenario already
+in OUT/sweep.json from the same seed and sizes is kept, not run again, so a sweep interrupted
+(or run a few scenarios at a time) completes where it stopped.
 """
 
 import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from fedhealth.app.compare import STRATEGY_NAMES, compare
-from fedhealth.app.summary import StrategySummary
 from fedhealth.core.config import RunConfig
 from fedhealth.core.synth.federation import synthesize
 from fedhealth.core.synth.scenarios import SCENARIO_NAMES, get_scenario
 
 
-def markdown(name: str, rows: list[StrategySummary], seconds: float) -> str:
-    """One scenario's table: sites as columns, the mean with its interval, the winner marked."""
-    sites = sorted({site for row in rows for site in row.per_site})
-    federated = [row for row in rows if row.encrypted is not None]
-    best = max(federated, key=lambda row: row.mean.mean).label if federated else ""
+def markdown(name: str, rows: list[dict[str, Any]], seconds: float) -> str:
+    """One scenario's table (rows: `StrategySummary.to_json()`): sites as columns, the mean with
+    its interval, the winner marked."""
+    sites = sorted({site for row in rows for site in row["per_site"]})
+    federated = [row for row in rows if row["encrypted"] is not None]
+    best = max(federated, key=lambda row: row["mean"]["mean"])["label"] if federated else ""
     lines = [f"**{name}** ({seconds / 60:.0f} min)", "",
              "| strategy | " + " | ".join(sites) + " | mean ± 95% CI | sd over seeds | "
              "rounds to 90% of pooled |",
              "| --- |" + " --- |" * (len(sites) + 3)]
     for row in rows:
-        cells = [f"{row.per_site[s].mean:.3f}" for s in sites]
-        label = f"**{row.label}**" if row.label == best else row.label
-        sd = "-" if row.mean.seed_sd is None else f"{row.mean.seed_sd:.3f}"
-        reached = ("-" if row.encrypted is None else "not reached"
-                   if row.rounds_to_target is None else f"{row.rounds_to_target:.1f}")
-        lines.append(f"| {label} | " + " | ".join(cells)
-                     + f" | {row.mean.mean:.3f} ± {row.mean.ci95:.3f} | {sd} | {reached} |")
+        cells = [f"{row['per_site'][s]['mean']:.3f}" for s in sites]
+        label = f"**{row['label']}**" if row["label"] == best else row["label"]
+        spread = row["mean"]["seed_sd"]
+        sd = "-" if spread is None else f"{spread:.3f}"
+        reached = ("-" if row["encrypted"] is None else "not reached"
+                   if row["rounds_to_target"] is None else f"{row['rounds_to_target']:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['mean']['mean']:.3f} ± "
+                     f"{row['mean']['ci95']:.3f} | {sd} | {reached} |")
     return "\n".join(lines) + "\n"
 
 
@@ -50,12 +54,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="first seed (data and runs)")
     parser.add_argument("--images-per-site", type=int, default=None)
     args = parser.parse_args()
-    sweep: dict[str, object] = {}
+    record = args.out / "sweep.json"
+    sweep: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
     for name in args.scenarios.split(","):
-        started = time.perf_counter()
         scenario = get_scenario(name)
         if args.images_per_site:
             scenario = scenario.resized(images_per_site=args.images_per_site)
+        sizes = [s.images for s in scenario.sites]
+        kept = sweep.get(name)
+        if kept and kept.get("seed") == args.seed and kept["images_per_site"] == sizes and (
+                kept.get("seeds") == args.seeds):
+            print(markdown(name, kept["summary"], kept["seconds"]), flush=True)
+            continue
+        started = time.perf_counter()
         folder = args.out / name
         synthesize(folder / "hospitals", scenario, args.seed, overwrite=True)
         results = compare(folder / "hospitals", folder / "results.json",
@@ -63,12 +74,11 @@ def main() -> None:
                           repeats=args.seeds,
                           on_run=lambda tag, name=name: print(f"  {name}: {tag}", flush=True))
         seconds = time.perf_counter() - started
-        rows = results.summaries
+        rows = [row.to_json() for row in results.summaries]
         print(markdown(name, rows, seconds), flush=True)
-        sweep[name] = {"seconds": seconds, "images_per_site": [s.images for s in scenario.sites],
-                       "summary": [row.to_json() for row in rows]}
-        (args.out / "sweep.json").write_text(json.dumps(sweep, indent=2))
-
+        sweep[name] = {"seconds": seconds, "seed": args.seed, "seeds": args.seeds,
+                       "images_per_site": sizes, "summary": rows}
+        record.write_text(json.dumps(sweep, indent=2))
 
 if __name__ == "__main__":
     main()
