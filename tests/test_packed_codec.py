@@ -14,7 +14,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedhealth.core.crypto import packed_digits, wire
-from fedhealth.core.crypto.chunk_pool import MIN_PARALLEL_CIPHERTEXTS, worker_pids
+from fedhealth.core.crypto.chunk_pool import MIN_PARALLEL_CIPHERTEXTS, split, worker_pids
 from fedhealth.core.crypto.codec import (
     IntegrityError,
     Packing,
@@ -289,3 +289,11 @@ def test_a_killed_worker_costs_time_not_the_update(tmp_path: Path) -> None:
     assert decrypt_global(site, record, layout, 1.0, workers=2)["w"].tobytes() == \
         expected["w"].tobytes()
     assert killed and not set(killed) & set(worker_pids())  # a new pool took over
+
+
+def test_the_callers_range_is_shorter_by_its_own_serial_work() -> None:
+    ranges = split(1711, 2, 0.07)
+    assert [len(r) for r in ranges] == [796, 915]  # 0.93 : 1.07
+    assert ranges[0].start == 0 and ranges[0].stop == ranges[1].start and ranges[1].stop == 1711
+    assert split(1711, 2) == [range(0, 856), range(856, 1711)]
+    assert [len(r) for r in split(3, 3, 0.07)] == [1, 1, 1]  # never an empty range

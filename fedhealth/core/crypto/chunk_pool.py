@@ -48,10 +48,24 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def split(count: int, parts: int) -> list[range]:
-    """`count` ciphertext indices in `parts` contiguous ranges of near-equal length (none empty)."""
+CALLER_OVERHEAD = 0.07
+"""The calling process's own serial work in a parallel call, as a fraction of the whole call's
+work done serially: flattening the update, copying ranges into and out of shared memory,
+building the record. Measured at 7M parameters (`default`, 2 processes, CPU time): 0.19 s of
+2.3-2.7 s to encrypt, 0.07-0.1 s of 1.3-1.4 s to decrypt. `split` shortens the caller's range by
+it, so that the caller does not finish last while the workers wait idle."""
+
+
+def split(count: int, parts: int, caller_overhead: float = 0.0) -> list[range]:
+    """`count` ciphertext indices in `parts` contiguous ranges (none empty): the first, which
+    the calling process runs, shorter by `caller_overhead` of the whole work, spread over the
+    others, so that every process has the same work; equal ranges when that would empty one."""
     parts = max(1, min(parts, count))
-    bounds = [count * i // parts for i in range(parts + 1)]
+    weights = np.array([max(0.5, 1 - (parts - 1) * caller_overhead)]
+                       + [1 + caller_overhead] * (parts - 1))
+    bounds = [0, *np.rint(count * np.cumsum(weights) / weights.sum()).astype(int).tolist()]
+    if any(b <= a for a, b in pairwise(bounds)):
+        bounds = [count * i // parts for i in range(parts + 1)]
     return [range(a, b) for a, b in pairwise(bounds)]
 
 

@@ -44,6 +44,7 @@ from flwr.app import ArrayRecord
 from fedhealth.core import fixed_point
 from fedhealth.core.crypto import packed_digits
 from fedhealth.core.crypto.chunk_pool import (
+    CALLER_OVERHEAD,
     MIN_PARALLEL_CIPHERTEXTS,
     Region,
     SharedFile,
@@ -466,38 +467,46 @@ def _check_ranges(preset: CkksPreset, layout: TensorLayout, vector: np.ndarray,
 @dataclass(frozen=True)
 class _DecodeJob:
     """A range of a global's ciphertexts, holding `params` of its parameters, summed with weight
-    sum s = `weight_sum`."""
+    sum s = `weight_sum`; `checks` are the ciphertexts' indices in the global, whose check
+    values' constants the range derives itself (in the worker that decrypts it)."""
 
     blobs: list[bytes]
     params: int
     weight_sum: float
+    checks: range
+    binding: RoundBinding
     steps: tuple[tuple[int, int], ...] = ()  # quantized: (values, step exponent) runs
 
 
 @dataclass(frozen=True)
 class _Decoded:
-    """One range, decrypted and rounded to its grid: what `decrypt_global` checks and joins."""
+    """One range, decrypted and rounded to its grid (its mean written out): what
+    `decrypt_global` checks."""
 
-    mean: np.ndarray  # the exact sum on the grid / s, float64
     reserved: np.ndarray
+    constants: np.ndarray  # the check values' c of the range
     distance: fixed_point.GridDistance
     carried: int  # reals whose sum left its digits
 
 
-def _decode(key: SiteKey, job: _DecodeJob) -> _Decoded:
+def _decode(key: SiteKey, job: _DecodeJob, out: np.ndarray) -> _Decoded:
+    """Decrypt `job`; its weighted mean (the exact grid sum / s, float64) goes into `out`."""
     preset = key.preset
     packing = Packing.of(job.params, preset)
     reals, reserved = packing.split(decrypt_vector(key, job.blobs, packing.payload_size))
-    reserved = reserved / check_gain(preset)
+    checks = (reserved / check_gain(preset),
+              check_values(job.binding, len(job.checks), job.checks.start))
     if preset.quantization is None:
         sums, distance = fixed_point.nearest(reals)
-        return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, 0)
+        np.divide(sums, job.weight_sum, out=out)  # `fixed_point.mean`, in place
+        return _Decoded(*checks, distance, 0)
     integers, distance = fixed_point.nearest(reals, grid_bits=0)
     counts, carried = packed_digits.unpack(integers, preset.quantization.digit_bits,
                                            preset.digits_per_real, job.params)
-    sums = np.concatenate([np.zeros(0)] + [  # exact: integers times powers of two
-        np.ldexp(counts[a:b].astype(np.float64), exponent) for (a, b), exponent in _runs(job.steps)])
-    return _Decoded(fixed_point.mean(sums, job.weight_sum), reserved, distance, carried)
+    for (a, b), exponent in _runs(job.steps):  # exact: integers times powers of two
+        np.ldexp(counts[a:b].astype(np.float64), exponent, out=out[a:b])
+    np.divide(out, job.weight_sum, out=out)
+    return _Decoded(*checks, distance, carried)
 
 
 @dataclass(frozen=True)
@@ -511,35 +520,39 @@ class _DecodeAway:
 
 
 def _decode_away(key: SiteKey, away: _DecodeAway) -> _Decoded:
-    """In a worker: `_decode`, its mean written into `away.mean` (and left out of the result)."""
+    """In a worker: `_decode`, its mean written straight into the caller's output."""
     data = away.blobs.array(np.uint8)
     starts = np.cumsum((0, *away.lengths))
-    decoded = _decode(key, replace(away.job, blobs=[
-        data[a:b].tobytes() for a, b in pairwise(starts)]))
-    away.mean.array(np.float64)[:] = decoded.mean
-    return replace(decoded, mean=np.zeros(0))
+    return _decode(key, replace(away.job, blobs=[data[a:b].tobytes()
+                                                 for a, b in pairwise(starts)]),
+                   away.mean.array(np.float64))
 
 
-def _decode_all(key: SiteKey, jobs: list[_DecodeJob]) -> list[_Decoded]:
-    """Every job decoded, in order: the first here, the others in worker processes."""
+def _decode_all(key: SiteKey, jobs: list[_DecodeJob], params: int
+                ) -> tuple[np.ndarray, list[_Decoded]]:
+    """The `params` means of every job, in order, in one vector, and each job's checks: the
+    first job here, the others in worker processes, every one writing its part of the vector
+    in place (in shared memory), so nothing is copied out or joined afterwards."""
     if len(jobs) == 1:
-        return [_decode(key, jobs[0])]
-    sizes = [(sum(map(len, job.blobs)), job.params * 8) for job in jobs[1:]]
-    with SharedFile(sum(a + b for a, b in sizes)) as shared:
-        away, offset = [], 0
-        for job, (blob_bytes, mean_bytes) in zip(jobs[1:], sizes, strict=True):
+        out = np.empty(params, dtype=np.float64)
+        return out, [_decode(key, jobs[0], out)]
+    blob_bytes = [sum(map(len, job.blobs)) for job in jobs[1:]]
+    shared = SharedFile(params * 8 + sum(blob_bytes))
+    with shared:
+        out = shared.array(0, params * 8, np.float64)
+        away, offset, start = [], params * 8, jobs[0].params
+        for job, nbytes in zip(jobs[1:], blob_bytes, strict=True):
             written = offset
             for blob in job.blobs:  # straight into shared memory: no joined copy
                 shared.array(written, len(blob), np.uint8)[:] = np.frombuffer(blob, np.uint8)
                 written += len(blob)
-            away.append(_DecodeAway(replace(job, blobs=[]), shared.region(offset, blob_bytes),
+            away.append(_DecodeAway(replace(job, blobs=[]), shared.region(offset, nbytes),
                                     tuple(map(len, job.blobs)),
-                                    shared.region(offset + blob_bytes, mean_bytes)))
-            offset += blob_bytes + mean_bytes
-        first, rest = here_and_away(key, _decode, jobs[0], _decode_away, away)
-        return [first, *(replace(done, mean=shared.array(part.mean.offset, part.mean.nbytes,
-                                                         np.float64).copy())
-                         for part, done in zip(away, rest, strict=True))]
+                                    shared.region(start * 8, job.params * 8)))
+            offset, start = offset + nbytes, start + job.params
+        first, rest = here_and_away(key, lambda k, j: _decode(k, j, out[:j.params]), jobs[0],
+                                    _decode_away, away)
+    return out, [first, *rest]
 
 
 def _decode_header(key: SiteKey, blobs: list[bytes], layout: TensorLayout,
@@ -553,7 +566,8 @@ def _decode_header(key: SiteKey, blobs: list[bytes], layout: TensorLayout,
     packing = Packing(Header.reals(len(layout.entries)), preset.values_per_ciphertext)
     reals, reserved = packing.split(decrypt_vector(key, blobs, packing.payload_size))
     summed, distance = fixed_point.nearest(reals, grid_bits=0)
-    decoded = _Decoded(np.zeros(0), reserved / check_gain(preset), distance, 0)
+    decoded = _Decoded(reserved / check_gain(preset), check_values(binding, len(blobs)),
+                       distance, 0)
     try:
         return [decoded], Header.decode(summed, preset, binding), None
     except IntegrityError as exc:
@@ -586,13 +600,16 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
                      else header.range_bits - header.level_bits)
         jobs = [_DecodeJob(blobs[first + r.start:first + r.stop],
                            _count(packing.params_of(r, layout.size)), weight_sum,
+                           range(first + r.start, first + r.stop), binding,
                            _steps(layout, exponents, packing.params_of(r, layout.size)))
                 for r in _ranges(packing.ciphertexts, workers)]
-        parts = [*head, *_decode_all(key, jobs)]
+        mean, decoded = _decode_all(key, jobs, layout.size)
+        parts = [*head, *decoded]
     except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's errors on damaged bytes
         raise IntegrityError(f"the global of round {binding.server_round} cannot be decrypted "
                              f"({exc}): it is damaged or was built for another layout") from None
-    verify_checks(np.concatenate([p.reserved for p in parts]), binding, weight_sum)
+    verify_checks(np.concatenate([p.reserved for p in parts]), binding, weight_sum,
+                  np.concatenate([p.constants for p in parts]))
     if header_error is not None:  # after the check values, whose message says more
         raise header_error
     try:
@@ -606,12 +623,16 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
     if carried:
         raise IntegrityError(f"the global of round {binding.server_round} holds {carried} "
                              "values beyond its packed digits: not a sum of quantized updates")
-    return layout.unflatten(np.concatenate([p.mean for p in parts]))
+    return layout.unflatten(mean)
 
 
-def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float) -> None:
-    """Every decrypted check value within CHECK_TOLERANCE of s * c, or IntegrityError."""
-    constants = check_values(binding, len(found))
+def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float,
+                  constants: np.ndarray | None = None) -> None:
+    """Every decrypted check value within CHECK_TOLERANCE of s * c, or IntegrityError.
+    `constants`: the c of every ciphertext, when they were derived where it was decrypted
+    (`decrypt_global`'s workers); otherwise derived here."""
+    if constants is None:
+        constants = check_values(binding, len(found))
     deviation = np.abs(found - weight_sum * constants)
     bad = ~(deviation <= CHECK_TOLERANCE)  # NaN counts as bad
     if not bad.any():
@@ -640,4 +661,4 @@ def _ranges(ciphertexts: int, workers: int | None) -> list[range]:
     """One range per worker, or a single one below MIN_PARALLEL_CIPHERTEXTS (or without
     `chunk_pool.parallel_available`)."""
     parallel = ciphertexts >= MIN_PARALLEL_CIPHERTEXTS and parallel_available()
-    return split(ciphertexts, _workers(workers) if parallel else 1)
+    return split(ciphertexts, _workers(workers) if parallel else 1, CALLER_OVERHEAD)
