@@ -102,7 +102,8 @@ def compare_command(
 ) -> None:
     """Run a grid of strategies on one federation and write results JSON, a table and a plot.
 
-    Every schedule option left out takes the run config's default ([tool.flwr.app.config]).
+    Every schedule option left out takes the run config's default (pyproject.toml's
+    tool.flwr.app.config table).
     """
     from fedhealth.app.compare import compare, parse_noise_levels, parse_strategies
     from fedhealth.app.report import plot_privacy, plot_results, results_table
