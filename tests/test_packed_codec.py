@@ -7,6 +7,7 @@ ciphertexts, and the parallel tests span enough of them to use the worker proces
 import os
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,12 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedhealth.core.crypto import packed_digits, wire
-from fedhealth.core.crypto.chunk_pool import MIN_PARALLEL_CIPHERTEXTS, split, worker_pids
+from fedhealth.core.crypto.chunk_pool import (
+    MIN_PARALLEL_CIPHERTEXTS,
+    shared_file,
+    split,
+    worker_pids,
+)
 from fedhealth.core.crypto.codec import (
     IntegrityError,
     Packing,
@@ -297,3 +303,24 @@ def test_the_callers_range_is_shorter_by_its_own_serial_work() -> None:
     assert ranges[0].start == 0 and ranges[0].stop == ranges[1].start and ranges[1].stop == 1711
     assert split(1711, 2) == [range(0, 856), range(856, 1711)]
     assert [len(r) for r in split(3, 3, 0.07)] == [1, 1, 1]  # never an empty range
+
+
+def test_parallel_calls_from_two_threads_each_get_their_own_bytes(tmp_path: Path) -> None:
+    """The process keeps one shared file for its calls; a call made while another thread holds
+    it must not write into it (each thread decrypts its own global, both checked)."""
+    site, _ = keys(tmp_path, "default")
+    params = MIN_PARALLEL_CIPHERTEXTS * Packing.of(1, site.preset).params_per_ciphertext
+    rng = np.random.default_rng(3)
+    updates = [{"w": rng.uniform(-1, 1, params).astype(np.float32)} for _ in range(2)]
+    layout = TensorLayout.of(updates[0])
+    records = [encrypt_update(site, u, 1.0, workers=2) for u in updates]
+    serial = [decrypt_global(site, r, layout, 1.0, workers=1)["w"].tobytes() for r in records]
+    with ThreadPoolExecutor(2) as threads:
+        for _ in range(3):
+            got = list(threads.map(lambda r: decrypt_global(site, r, layout, 1.0, workers=2)["w"],
+                                   records))
+            assert [g.tobytes() for g in got] == serial
+    with shared_file(10) as first:
+        pass
+    with shared_file(5) as again:
+        assert again is first  # kept, not made anew: its pages are already allocated

@@ -47,10 +47,10 @@ from fedhealth.core.crypto.chunk_pool import (
     CALLER_OVERHEAD,
     MIN_PARALLEL_CIPHERTEXTS,
     Region,
-    SharedFile,
     default_workers,
     here_and_away,
     parallel_available,
+    shared_file,
     split,
 )
 from fedhealth.core.crypto.keys import SiteKey
@@ -417,7 +417,7 @@ def _encode_all(key: SiteKey, jobs: list[_EncodeJob]) -> list[bytes]:
         return _encode(key, jobs[0])
     stride = _ciphertext_bytes(key.preset)
     sizes = [(job.values.nbytes, len(job.ciphertexts) * stride) for job in jobs[1:]]
-    with SharedFile(sum(a + b for a, b in sizes)) as shared:
+    with shared_file(sum(a + b for a, b in sizes)) as shared:
         away, offset = [], 0
         for job, (value_bytes, out_bytes) in zip(jobs[1:], sizes, strict=True):
             shared.array(offset, value_bytes, np.float64)[:] = job.values
@@ -528,17 +528,18 @@ def _decode_away(key: SiteKey, away: _DecodeAway) -> _Decoded:
                    away.mean.array(np.float64))
 
 
-def _decode_all(key: SiteKey, jobs: list[_DecodeJob], params: int
-                ) -> tuple[np.ndarray, list[_Decoded]]:
-    """The `params` means of every job, in order, in one vector, and each job's checks: the
-    first job here, the others in worker processes, every one writing its part of the vector
-    in place (in shared memory), so nothing is copied out or joined afterwards."""
+def _decode_all(key: SiteKey, jobs: list[_DecodeJob], layout: TensorLayout
+                ) -> tuple[dict[str, np.ndarray], list[_Decoded]]:
+    """The mean as `layout`'s tensors and each job's checks: the first job here, the others in
+    worker processes, every one writing its part of one vector in place (in shared memory),
+    so nothing is copied out or joined before the tensors are made from it."""
+    params = layout.size
     if len(jobs) == 1:
         out = np.empty(params, dtype=np.float64)
-        return out, [_decode(key, jobs[0], out)]
+        decoded = _decode(key, jobs[0], out)
+        return layout.unflatten(out), [decoded]
     blob_bytes = [sum(map(len, job.blobs)) for job in jobs[1:]]
-    shared = SharedFile(params * 8 + sum(blob_bytes))
-    with shared:
+    with shared_file(params * 8 + sum(blob_bytes)) as shared:
         out = shared.array(0, params * 8, np.float64)
         away, offset, start = [], params * 8, jobs[0].params
         for job, nbytes in zip(jobs[1:], blob_bytes, strict=True):
@@ -552,7 +553,7 @@ def _decode_all(key: SiteKey, jobs: list[_DecodeJob], params: int
             offset, start = offset + nbytes, start + job.params
         first, rest = here_and_away(key, lambda k, j: _decode(k, j, out[:j.params]), jobs[0],
                                     _decode_away, away)
-    return out, [first, *rest]
+        return layout.unflatten(out), [first, *rest]  # copies: before the file is reused
 
 
 def _decode_header(key: SiteKey, blobs: list[bytes], layout: TensorLayout,
@@ -603,7 +604,7 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
                            range(first + r.start, first + r.stop), binding,
                            _steps(layout, exponents, packing.params_of(r, layout.size)))
                 for r in _ranges(packing.ciphertexts, workers)]
-        mean, decoded = _decode_all(key, jobs, layout.size)
+        tensors, decoded = _decode_all(key, jobs, layout)
         parts = [*head, *decoded]
     except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's errors on damaged bytes
         raise IntegrityError(f"the global of round {binding.server_round} cannot be decrypted "
@@ -623,7 +624,7 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
     if carried:
         raise IntegrityError(f"the global of round {binding.server_round} holds {carried} "
                              "values beyond its packed digits: not a sum of quantized updates")
-    return layout.unflatten(mean)
+    return tensors
 
 
 def verify_checks(found: np.ndarray, binding: RoundBinding, weight_sum: float,
