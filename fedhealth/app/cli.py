@@ -53,7 +53,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Folder for data, resu
 @app.command(name="simulate")
 def simulate_command(
     run_config: list[str] | None = typer.Option(
-        None, "--run-config", help="Overrides of [tool.flwr.app.config], as for `flwr run`, e.g. "
+        None, "--run-config", help="Overrides of \\[tool.flwr.app.config], as for `flwr run`, e.g. "
         "\"data-dir='fed' key-dir='keys' out-dir='out' policy='fedbn'\"."),
     quiet: bool = typer.Option(False, help="Show only the run log's warnings and errors."),
 ) -> None:
@@ -102,8 +102,7 @@ def compare_command(
 ) -> None:
     """Run a grid of strategies on one federation and write results JSON, a table and a plot.
 
-    Every schedule option left out takes the run config's default (pyproject.toml's
-    tool.flwr.app.config table).
+    Every schedule option left out takes the run config's default (\\[tool.flwr.app.config]).
     """
     from fedhealth.app.compare import compare, parse_noise_levels, parse_strategies
     from fedhealth.app.report import plot_privacy, plot_results, results_table

@@ -2,11 +2,11 @@
 
 Two contrasting scenarios, so the winner of each is visible: `feature-shift` (a different scanner
 per hospital, the case FedBN targets) and `concept-shift` (one hospital calls dense, calcified
-nodules benign that the others call findings, the case personal heads and Ditto target). For each: synthesize the hospitals,
-check each site's data, run encrypted federations against the local and pooled baselines, print
-the table with 95% intervals and write results JSON and a plot. It ends as a hospital's project
-does: one site exports its model of the last run as a MONAI Bundle and runs it on a handful of
-new studies. Sized to finish in under ten minutes on two CPU cores.
+nodules benign that the others call findings, the case personal heads and Ditto target). For
+each: synthesize the hospitals, check each site's data, run encrypted federations against the
+local and pooled baselines, print the table with 95% intervals and write results JSON and a plot.
+It ends as a hospital's project does: one site exports its model of the last run as a MONAI
+Bundle and runs it on a handful of new studies. Sized to finish in under ten minutes on two CPU cores.
 """
 
 import shutil

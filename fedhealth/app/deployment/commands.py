@@ -188,7 +188,7 @@ def site_start(
     allow_any_app: Annotated[bool, typer.Option(
         help="DEVELOPMENT ONLY: run apps this site has not approved too.")] = False,
 ) -> None:
-    """Check config, bring the data up to date with the PACS ([pacs] in site.toml), check the
+    """Check config, bring the data up to date with the PACS (\\[pacs] in site.toml), check the
     data, then run this site's SuperNode (TLS + node authentication) and its app gate: only
     apps approved with `fedhealth site approve` ever run here."""
     from fedhealth.app.deployment import launch
