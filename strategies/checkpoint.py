@@ -11,7 +11,6 @@ of 0, a round that is not a number), loading raises one `CheckpointDamaged` nami
 what to do, before any round runs from it.
 """
 
-import io
 import json
 import math
 import zipfile
@@ -24,7 +23,7 @@ import numpy as np
 
 from fedhealth.core.atomic_file import atomic_writer, write_atomically
 from fedhealth.core.crypto.wire import CHECKPOINT_FILE, HISTORY_FILE, ciphertext_name
-from fedhealth.core.file_checksum import ChecksumError, ChecksumWriter, verified_body
+from fedhealth.core.file_checksum import ChecksumError, ChecksumWriter, FileBody, verified_file
 
 _META = "meta"
 
@@ -90,20 +89,21 @@ def load_checkpoint(directory: Path) -> tuple[EncryptedGlobal, dict[str, object]
     if not path.exists():
         return None
     try:
-        body = verified_body(path.read_bytes(), str(path))
+        with open(path, "rb") as handle:  # read twice (hashed, then parsed), held once
+            meta, blobs = _read_archive(path, verified_file(handle, str(path)))
     except ChecksumError as exc:
         raise CheckpointDamaged(path, exc.problem) from None
     except OSError as exc:
         raise CheckpointDamaged(path, f"it cannot be read ({exc.strerror})") from None
-    meta, blobs = _read_archive(path, body)
     state = _checked_state(path, meta, blobs)
     return state, _read_history(directory / HISTORY_FILE, path)
 
 
-def _read_archive(path: Path, body: bytes) -> tuple[object, list[bytes]]:
-    """The metadata and the ciphertexts `ct-00000` .. in order, all present, none empty."""
+def _read_archive(path: Path, body: FileBody) -> tuple[object, list[bytes]]:
+    """The metadata and the ciphertexts `ct-00000` .. in order, all present, none empty; each
+    one's bytes made as it is read, so the global is in memory once."""
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as data:
+        with np.load(body, allow_pickle=False) as data:
             names = set(data.files)
             count = len(names) - 1
             expected = {_META, *(ciphertext_name(i) for i in range(count))}
@@ -112,15 +112,18 @@ def _read_archive(path: Path, body: bytes) -> tuple[object, list[bytes]]:
                 raise CheckpointDamaged(path, f"it lacks {', '.join(missing[:3])} (holds "
                                               f"{', '.join(sorted(names)[:4])})")
             meta = json.loads(data[_META].tobytes())
-            arrays = [data[ciphertext_name(i)] for i in range(count)]
+            blobs = [_blob(path, data[ciphertext_name(i)], i) for i in range(count)]
     except CheckpointDamaged:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise CheckpointDamaged(path, f"it is not a readable archive ({exc})") from None
-    for i, array in enumerate(arrays):
-        if array.dtype != np.uint8 or array.ndim != 1 or array.size == 0:
-            raise CheckpointDamaged(path, f"{ciphertext_name(i)} is not a non-empty byte array")
-    return meta, [array.tobytes() for array in arrays]
+    return meta, blobs
+
+
+def _blob(path: Path, array: np.ndarray, index: int) -> bytes:
+    if array.dtype != np.uint8 or array.ndim != 1 or array.size == 0:
+        raise CheckpointDamaged(path, f"{ciphertext_name(index)} is not a non-empty byte array")
+    return array.tobytes()
 
 
 def _checked_state(path: Path, meta: object, blobs: list[bytes]) -> EncryptedGlobal:

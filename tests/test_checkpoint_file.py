@@ -96,3 +96,20 @@ def test_checksum_writer_hashes_rewrites_and_refuses_settled_bytes(tmp_path: Pat
         writer.seek(0, 2)
         writer.finish()
     assert (tmp_path / "f").read_bytes() == with_checksum(b"headerOK-body-tail")
+
+
+def test_loading_holds_the_global_once(tmp_path: Path, site_key: SiteKey) -> None:
+    """The file is hashed in blocks and parsed from disk: Python allocations while loading stay
+    near the ciphertexts' own size (reading it whole, cutting its trailer off and parsing the
+    copy took three to four times their size)."""
+    state = _state(site_key, 400_000)
+    size = sum(map(len, state.ciphertexts))
+    save_checkpoint(tmp_path, state)
+    tracemalloc.start()
+    try:
+        loaded = load_checkpoint(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert loaded is not None and loaded[0].ciphertexts == state.ciphertexts
+    assert peak < 1.3 * size, f"loading allocated {peak} bytes at its peak for {size} bytes"

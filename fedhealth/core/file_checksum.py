@@ -82,12 +82,60 @@ class ChecksumWriter:
 
 def verified_body(data: bytes, source: str) -> bytes:
     """The body of `data` once its trailer matches; ChecksumError naming `source` otherwise."""
-    body, trailer = data[:-_TRAILER_SIZE], data[-_TRAILER_SIZE:]
-    if len(data) < _TRAILER_SIZE or not trailer.startswith(_PREFIX) or not trailer.endswith(b"\n"):
+    body = data[:-_TRAILER_SIZE]
+    _check(data[-_TRAILER_SIZE:], len(data), hashlib.sha256(body), source)
+    return body
+
+
+def verified_file(handle: BinaryIO, source: str) -> "FileBody":
+    """The body of the open file `handle` once its trailer matches, as a read-only file of its
+    own; ChecksumError naming `source` otherwise. The body is hashed in 1 MiB blocks, never
+    held whole (a checkpoint is the size of the model)."""
+    size = handle.seek(0, 2)
+    handle.seek(max(0, size - _TRAILER_SIZE))
+    trailer = handle.read()
+    digest, left = hashlib.sha256(), max(0, size - _TRAILER_SIZE)
+    handle.seek(0)
+    while left and (block := handle.read(min(left, 1 << 20))):
+        digest.update(block)
+        left -= len(block)
+    _check(trailer, size, digest, source)
+    return FileBody(handle, size - _TRAILER_SIZE)
+
+
+def _check(trailer: bytes, size: int, digest: "hashlib._Hash", source: str) -> None:
+    if size < _TRAILER_SIZE or not trailer.startswith(_PREFIX) or not trailer.endswith(b"\n"):
         raise ChecksumError(source, "it has no fedhealth checksum trailer: it is truncated, "
                                     "damaged, or not a file this fedhealth version wrote")
-    expected = hashlib.sha256(body).hexdigest().encode()
-    if trailer[len(_PREFIX):-1] != expected:
+    if trailer[len(_PREFIX):-1] != digest.hexdigest().encode():
         raise ChecksumError(source, "it does not match its sha256 checksum: a byte or bit of "
                                     "it changed")
-    return body
+
+
+class FileBody:
+    """The first `size` bytes of an open file, read-only: what a reader (zipfile, np.load) sees
+    of a checksummed file, its trailer cut off."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self._handle = handle
+        self._size = size
+        self._position = 0
+
+    def read(self, count: int = -1) -> bytes:
+        left = self._size - self._position
+        count = left if count < 0 else min(count, left)
+        self._handle.seek(self._position)
+        data = self._handle.read(max(0, count))
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._position, self._size)[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def seekable(self) -> bool:
+        return True
