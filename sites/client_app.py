@@ -206,9 +206,10 @@ def _evaluate(message: Message, context: Context, config: RunConfig,
               site: SiteSettings) -> tuple[int, RecordDict]:
     work = SiteRound(message, context, config, site)
     global_shared = work.global_shared()
+    last = work.exchange.server_round >= config.num_server_rounds  # whose score is the result
     score = score_site(work.policy, work.config.model, global_shared=global_shared,
                        personal=work.store.load(), splits=work.splits, settings=work.settings,
-                       seed=work.config.seed)
+                       seed=work.config.seed, sample=0 if last else config.progress_test_images)
     metrics = dict(score.metrics)
     if (received := work.exchange.received) is not None:  # kept to export this round's model
         scored = {n: t.detach().cpu().numpy() for n, t in score.model.state_dict().items()}

@@ -23,7 +23,7 @@ import torch
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, compute_roc_auc
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from fedhealth.core.config import RunConfig
 from fedhealth.core.models import Task, build_model, model_spec
@@ -195,11 +195,13 @@ class SiteScore:
 def score_site(policy: Policy, model_name: str, *,
                global_shared: Mapping[str, np.ndarray] | None,
                personal: Mapping[str, np.ndarray] | None, splits: Splits,
-               settings: TrainSettings, split: str = "test", seed: int = 0) -> SiteScore:
+               settings: TrainSettings, split: str = "test", seed: int = 0,
+               sample: int = 0) -> SiteScore:
     """The site's model scored on one of its own splits (see `score_on_site`).
 
     The site's model is global shared + personal tensors; under Ditto it is the personal model once
-    one exists (before the first round, the global one).
+    one exists (before the first round, the global one). `sample` > 0 scores that many of the
+    split's examples (`fixed_sample`: the same ones every round), for a learning curve.
     """
     if policy.personal_model and personal and _has_personal_model(personal):
         model = _personal_model(model_name, personal, {}, splits.num_classes, settings, seed)
@@ -207,7 +209,7 @@ def score_site(policy: Policy, model_name: str, *,
         model, _ = _assemble(policy, model_name, global_shared, personal, splits.num_classes,
                              settings, seed)
     return _score(model, splits, settings, model_spec(model_name).task, split=split,
-                  own_statistics=policy.personal_layers == "norm")
+                  own_statistics=policy.personal_layers == "norm", sample=sample)
 
 
 def score_on_site(model: nn.Module, splits: Splits, settings: TrainSettings,
@@ -227,8 +229,8 @@ def score_on_site(model: nn.Module, splits: Splits, settings: TrainSettings,
 
 
 def _score(model: nn.Module, splits: Splits, settings: TrainSettings, task: Task, *, split: str,
-           own_statistics: bool) -> SiteScore:
-    dataset = _require_examples(splits, split)
+           own_statistics: bool, sample: int = 0) -> SiteScore:
+    dataset = fixed_sample(_require_examples(splits, split), sample)
     if own_statistics:
         estimate_norm_statistics(model, splits.train, settings)
     threshold = None
@@ -236,6 +238,17 @@ def _score(model: nn.Module, splits: Splits, settings: TrainSettings, task: Task
         threshold = operating_threshold(*_predict(model, splits.val, settings, task))
     return SiteScore(model, threshold,
                      evaluate_model(model, dataset, settings, task, threshold=threshold))
+
+
+def fixed_sample(dataset: Dataset, size: int) -> Dataset:
+    """`size` examples of `dataset` drawn by a fixed seed, in their order: the same ones for every
+    model and round, so a curve's steps are the models', not the draw's (0, or a dataset no
+    larger than `size`: all of it)."""
+    total = dataset_size(dataset)
+    if size <= 0 or size >= total:
+        return dataset
+    chosen = np.sort(np.random.default_rng(0).choice(total, size, replace=False))
+    return Subset(dataset, chosen.tolist())
 
 
 def estimate_norm_statistics(model: nn.Module, dataset: Dataset, settings: TrainSettings) -> None:

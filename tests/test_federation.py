@@ -27,8 +27,9 @@ from fedhealth.core.synth import synthesize_federation
 from strategies.encrypted_fedavg import EncryptedFedAvg
 
 ROUNDS = 2
+PROGRESS_SAMPLE = 4  # test images a site scores before the last round (each test split is larger)
 CONFIG = RunConfig(num_server_rounds=ROUNDS, policy="fedavg", local_epochs=15, optimizer="sgd",
-                   learning_rate=0.1, seed=0)
+                   learning_rate=0.1, seed=0, progress_test_images=PROGRESS_SAMPLE)
 # Each policy's encrypted and plaintext runs; fedbn trains with Adam, which once turned CKKS
 # noise into 0.05 of per-site balanced accuracy within 8 rounds
 POLICY_CHANGES: dict[str, dict[str, object]] = {
@@ -109,6 +110,11 @@ def test_encrypted_run_leaves_a_checkpoint_the_aggregator_resumes_from(
     assert len(strategy.global_record()) > 0
     # the checkpointed history is the one results.json reports
     assert strategy.history.by_round_json("evaluate") == runs["fedavg", True]["evaluate_by_round"]
+    # rounds before the last score a fixed sample (the curve); the last, the whole test split
+    scored = {r: {rec.num_examples for rec in sites.values()}
+              for r, sites in strategy.history.records["evaluate"].items()}
+    assert all(scored[r] == {PROGRESS_SAMPLE} for r in range(ROUNDS))
+    assert min(scored[ROUNDS]) > PROGRESS_SAMPLE
 
 
 def test_resumed_federation_continues_the_training_and_reports_every_round(

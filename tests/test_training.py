@@ -21,6 +21,7 @@ from sites.training import (
     dataset_labels,
     evaluate_model,
     evaluate_site,
+    fixed_sample,
     local_round,
     train_centrally,
 )
@@ -292,3 +293,12 @@ def test_a_three_channel_model_learns_what_only_colour_tells_apart() -> None:
     assert scored["balanced_accuracy"] >= 0.8
     with pytest.raises(ValueError, match="in-channels"):
         RunConfig(in_channels=2)
+
+
+def test_fixed_sample_is_the_same_subset_every_time_and_all_when_small() -> None:
+    data = list(range(50))
+    first, again = fixed_sample(data, 7), fixed_sample(data, 7)  # type: ignore[arg-type]
+    picked = [first[i] for i in range(len(first))]
+    assert len(picked) == 7 and picked == [again[i] for i in range(7)]
+    assert picked == sorted(set(picked)) and picked != list(range(7))  # drawn, in order
+    assert fixed_sample(data, 0) is data and fixed_sample(data, 50) is data  # type: ignore[arg-type]

@@ -42,6 +42,10 @@ class RunConfig:
         unused by 2D models. The model name says whether it is 3D (fedhealth.core.models).
     max_site_weight: the largest share a_k of the global any one site gets from the census of
         sample counts, whatever count it claims (1: no cap); the excess goes to the others.
+    progress_test_images: how many of its test images (a fixed, seeded sample) a site scores in
+        the rounds before the last, whose scores only draw the learning curve; the last round
+        always scores the whole test split (0: the whole split every round). Scoring a large
+        test split every round is most of a small model's round on a CPU.
     dp_noise_multiplier: client-level differential privacy (0: off). Every site clips the delta
         of its shared tensors from the model it started the round from to L2 norm
         `dp_clip_norm` and adds its share of Gaussian noise, so the decrypted sum carries noise
@@ -76,6 +80,7 @@ class RunConfig:
     balanced_loss: bool = False
     uniform_weights: bool = False
     max_site_weight: float = 1.0
+    progress_test_images: int = 256
     dp_noise_multiplier: float = 0.0
     dp_clip_norm: float = 1.0
     dp_delta: float = 1e-5
@@ -154,6 +159,8 @@ def _check_ranges(config: RunConfig) -> None:
         "fraction_train": (0 < config.fraction_train <= 1, "in (0, 1]"),
         "max_site_weight": (0 < config.max_site_weight <= 1, "in (0, 1]"),
         "local_epochs": (config.local_epochs >= 1, ">= 1"),
+        "progress_test_images": (config.progress_test_images >= 0,
+                                 ">= 0 (0: the whole test split every round)"),
         "batch_size": (config.batch_size >= 1, ">= 1"),
         "learning_rate": (config.learning_rate > 0, "> 0"),
         "proximal_mu": (config.proximal_mu >= 0, ">= 0"),
