@@ -367,7 +367,7 @@ def encrypt_update(key: SiteKey, tensors: Mapping[str, np.ndarray], weight: floa
     jobs = [_EncodeJob(vector[packing.params_of(r, len(vector))],
                        range(first + r.start, first + r.stop), weight, binding, seed,
                        _steps(layout, exponents, packing.params_of(r, len(vector))))
-            for r in _ranges(packing.ciphertexts, workers)]
+            for r in _ranges(packing.ciphertexts, workers, CALLER_OVERHEAD)]
     return ciphertexts_to_record(head + _encode_all(key, jobs))
 
 
@@ -599,11 +599,13 @@ def decrypt_global(key: SiteKey, record: ArrayRecord, layout: TensorLayout, weig
         head, header, header_error = _decode_header(key, blobs[:first], layout, binding)
         exponents = (np.zeros(len(layout.entries), dtype=np.int64) if header is None
                      else header.range_bits - header.level_bits)
+        # equal ranges: a worker copies its ciphertexts back out of shared memory, which
+        # weighs as much as what the caller does alone (see chunk_pool.CALLER_OVERHEAD)
         jobs = [_DecodeJob(blobs[first + r.start:first + r.stop],
                            _count(packing.params_of(r, layout.size)), weight_sum,
                            range(first + r.start, first + r.stop), binding,
                            _steps(layout, exponents, packing.params_of(r, layout.size)))
-                for r in _ranges(packing.ciphertexts, workers)]
+                for r in _ranges(packing.ciphertexts, workers, 0.0)]
         tensors, decoded = _decode_all(key, jobs, layout)
         parts = [*head, *decoded]
     except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's errors on damaged bytes
@@ -658,8 +660,9 @@ def _workers(workers: int | None) -> int:
     return default_workers() if workers is None else workers
 
 
-def _ranges(ciphertexts: int, workers: int | None) -> list[range]:
+def _ranges(ciphertexts: int, workers: int | None, caller_overhead: float) -> list[range]:
     """One range per worker, or a single one below MIN_PARALLEL_CIPHERTEXTS (or without
-    `chunk_pool.parallel_available`)."""
+    `chunk_pool.parallel_available`); the caller's shorter by `caller_overhead`
+    (`chunk_pool.split`)."""
     parallel = ciphertexts >= MIN_PARALLEL_CIPHERTEXTS and parallel_available()
-    return split(ciphertexts, _workers(workers) if parallel else 1, CALLER_OVERHEAD)
+    return split(ciphertexts, _workers(workers) if parallel else 1, caller_overhead)
