@@ -32,7 +32,7 @@ from fedhealth.core.models import model_spec
 from fedhealth.core.personalization import get_policy
 from sites.audit import AuditLog
 from sites.data_limits import DataLimits
-from sites.dataset import SiteSplits, load_site, volume_depth_of
+from sites.dataset import SiteSplits, load_site, site_cache_dir, volume_depth_of
 from sites.exchange import Exchange, census_reply, read_exchange, read_run_config
 from sites.failure import record_failure
 from sites.personal_store import PersonalStore
@@ -64,7 +64,7 @@ def _site_data(data_dir: Path, labels: Path | None, image_size: int, seed: int,
 def site_data(site: SiteSettings, config: RunConfig) -> SiteSplits:
     """Index and decode a site's DICOM once per process; decoded tensors also persist on disk."""
     return _site_data(site.data_dir, site.labels, config.image_size, config.seed,
-                      site.state_dir / "cache", model_spec(config.model).task, site.limits,
+                      site_cache_dir(site.state_dir), model_spec(config.model).task, site.limits,
                       volume_depth_of(config), config.in_channels)
 
 

@@ -7,6 +7,7 @@ again. A 2D model trains on the images, a 3D model on the volumes (sites.volume_
 """
 
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 from torch.utils.data import Dataset
 
@@ -164,6 +166,17 @@ def site_transforms(image_size: int, task: str = "classification",
     return Compose(ConfigParser({"steps": steps}).get_parsed_content("steps"))
 
 
+def site_cache_dir(state_dir: Path) -> Path:
+    """Where a site keeps its decoded tensors and the record of its scan, under its state folder."""
+    return state_dir / "cache"
+
+
+def scan_record(cache_dir: Path, data_dir: Path) -> Path:
+    """The file of `data_dir`'s earlier inspections in `cache_dir` (`scan_tree`'s `remember`):
+    whoever scans the folder first (a site check, a training run) saves the next one decoding."""
+    return cache_dir / f"{data_dir.name}-scan.json"
+
+
 def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 64, seed: int = 0,
               cache_dir: Path | None = None, task: str = "classification",
               volume_depth: int | None = None,
@@ -179,7 +192,7 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
     """
     if task not in ("classification", "segmentation"):
         raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
-    remember = cache_dir / f"{data_dir.name}-scan.json" if cache_dir is not None else None
+    remember = scan_record(cache_dir, data_dir) if cache_dir is not None else None
     index = index_site(data_dir, labels=labels, seed=seed, remember=remember,
                        limits=limits)
     if volume_depth is not None:
@@ -210,8 +223,19 @@ def load_site(data_dir: Path, *, labels: Path | None = None, image_size: int = 6
 def _decoded(items: list[dict[str, object]], transform: Compose, folder: Path | None) -> Dataset:
     """Items decoded once: into `folder` on disk (kept across runs), or in memory."""
     if folder is not None:
-        return PersistentDataset(items, transform, cache_dir=folder)
+        return PersistentDataset(items, transform, cache_dir=folder, hash_func=cache_key)
     return CacheDataset(items, transform, progress=False, copy_cache=False, num_workers=None)
+
+
+def cache_key(item: Mapping[str, object]) -> bytes:
+    """An item's key in the disk cache: its fields and the size and modification time of every
+    file it names. MONAI's default hashes the fields alone, so a file rewritten in place (a
+    federation synthesized again into the same folder) would train on its old pixels."""
+    paths = [p for value in item.values()
+             for p in (value if isinstance(value, list | tuple) else [value])
+             if isinstance(p, str) and os.path.isfile(p)]
+    stamps = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    return pickle_hashing({**item, "file stamps": stamps})
 
 
 def _item(x: Labeled, task: str) -> dict[str, object]:

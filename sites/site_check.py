@@ -53,16 +53,17 @@ class SiteReport:
 
 def check_site(data_dir: Path, labels: Path | None = None, seed: int = 0,
                on_file: Callable[[], None] | None = None, *,
-               limits: DataLimits = DataLimits()) -> SiteReport:
+               limits: DataLimits = DataLimits(), remember: Path | None = None) -> SiteReport:
     """Inventory `data_dir`; raises SiteDataError only for a missing/empty folder or bad labels file.
 
     `seed` is the patient split's, as in `load_site`, so the per-split counts are the training ones;
-    `limits` are the site's (its settings), which training applies too.
+    `limits` are the site's (its settings), which training applies too. `remember`: keep the
+    inspections there (`sites.dataset.scan_record`), so training does not decode the files again.
     """
     from sites.dataset import index_site
 
     index = index_site(data_dir, labels=labels, seed=seed, require_labels=False, on_file=on_file,
-                       limits=limits)
+                       limits=limits, remember=remember)
     return _report(data_dir, index)
 
 

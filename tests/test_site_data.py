@@ -256,3 +256,37 @@ def test_a_restarted_site_decodes_only_files_that_changed(
     third = load_site(site, cache_dir=tmp_path / "cache")
     assert inspected == [changed]
     assert any(s.path == str(changed) for s in third.skipped)
+
+
+def test_a_file_rewritten_in_place_is_decoded_again(tmp_path: Path) -> None:
+    """The disk cache is keyed by each file's size and modification time too: a federation
+    synthesized again into the same folder must not train on the old pixels."""
+    from fedhealth.core.synth import synthesize_federation
+
+    synthesize_federation(tmp_path / "fed", 1, 0, images_per_site=10)
+    site = tmp_path / "fed" / "hospital-1"
+    first = load_site(site, cache_dir=tmp_path / "cache")
+    path = first.train.data[0]["image"]  # type: ignore[attr-defined]
+    before = first.train[0]["image"]
+    ds = pydicom.dcmread(path)
+    ds.PixelData = (ds.pixel_array.max() - ds.pixel_array).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(path)
+    again = load_site(site, cache_dir=tmp_path / "cache")
+    index = [x["image"] for x in again.train.data].index(path)  # type: ignore[attr-defined]
+    assert not torch.equal(again.train[index]["image"], before)
+
+
+def test_a_site_check_spares_training_the_inspections(
+        synth_federation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sites.dataset import scan_record
+    from sites.site_check import check_site
+
+    site, cache = synth_federation / "hospital-1", tmp_path / "cache"
+    report = check_site(site, remember=scan_record(cache, site))
+    inspected: list[Path] = []
+    real_inspect = dicom_files.inspect_file
+    monkeypatch.setattr(dicom_files, "inspect_file",
+                        lambda path, *limits: inspected.append(path) or real_inspect(path, *limits))
+    splits = load_site(site, cache_dir=cache)
+    assert inspected == [] and report.images == sum(
+        len(s) for s in (splits.train, splits.val, splits.test))

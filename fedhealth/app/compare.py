@@ -31,7 +31,7 @@ from fedhealth.core.crypto.signing import public_key_path
 from fedhealth.core.models import model_spec
 from fedhealth.core.personalization import POLICY_NAMES
 from fedhealth.core.run_history import EVALUATION_METRICS, mean_metrics, write_json_atomically
-from sites.dataset import SiteSplits, load_site, volume_depth_of
+from sites.dataset import SiteSplits, load_site, site_cache_dir, volume_depth_of
 from sites.site_settings import simulated_site_dirs
 from sites.training import TrainSettings, score_on_site, train_centrally
 
@@ -137,7 +137,7 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
                                        task=model_spec(config.model).task,
                                        volume_depth=volume_depth_of(config),
                                        in_channels=config.in_channels,
-                                       cache_dir=work / STATE_FOLDER / d.name / "cache")
+                                       cache_dir=site_cache_dir(work / STATE_FOLDER / d.name))
                              for d in site_dirs]
                     runs.append({**run_baseline(name, sites, config), "seed": seed})
                     continue

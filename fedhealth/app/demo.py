@@ -25,6 +25,7 @@ from fedhealth.core.synth.federation import synthesize
 from fedhealth.core.synth.scenarios import Scenario, get_scenario
 from sites.bundle_export import export_bundle
 from sites.bundle_predict import predict, write_csv
+from sites.dataset import scan_record, site_cache_dir
 from sites.site_check import check_site, summary_table
 from sites.site_settings import simulated_site_dirs
 
@@ -101,10 +102,13 @@ def _run_part(part: DemoPart, out: Path, seed: int, console: Console) -> Path:
         task = progress.add_task(f"synthesizing {scenario.name} hospitals", total=total)
         synthesize(data, scenario, seed, image_size=DEMO_CONFIG.image_size, overwrite=True,
                    progress=lambda n: progress.advance(task, n))
-    reports = [check_site(site) for site in sorted(p for p in data.iterdir() if p.is_dir())]
+    results_path = out / wire.RESULTS_FILE
+    state = runs_folder(results_path) / STATE_FOLDER  # where compare's sites keep their caches
+    # the check's inspections are the ones the sites' training would repeat: kept where they look
+    reports = [check_site(site, remember=scan_record(site_cache_dir(state / site.name), site))
+               for site in simulated_site_dirs(data)]
     console.print(summary_table(reports))
 
-    results_path = out / wire.RESULTS_FILE
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("running strategies", total=len(part.strategies))
 
