@@ -7,7 +7,6 @@ again. A 2D model trains on the images, a 3D model on the volumes (sites.volume_
 """
 
 import logging
-import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -25,7 +24,7 @@ from fedhealth.core.config import RunConfig
 from fedhealth.core.crypto.wire import LABELS_SPLIT_COLUMN, SPLITS
 from fedhealth.core.models import model_spec
 from sites.data_limits import DataLimits
-from sites.dicom_files import SiteDataError, Skipped, scan_tree
+from sites.dicom_files import SiteDataError, Skipped, file_stamp, scan_tree
 from sites.labels import (
     Labeled,
     LabeledVolume,
@@ -231,10 +230,8 @@ def cache_key(item: Mapping[str, object]) -> bytes:
     """An item's key in the disk cache: its fields and the size and modification time of every
     file it names. MONAI's default hashes the fields alone, so a file rewritten in place (a
     federation synthesized again into the same folder) would train on its old pixels."""
-    paths = [p for value in item.values()
-             for p in (value if isinstance(value, list | tuple) else [value])
-             if isinstance(p, str) and os.path.isfile(p)]
-    stamps = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    stamps = [file_stamp(p) for value in item.values()
+              for p in (value if isinstance(value, list | tuple) else [value]) if isinstance(p, str)]
     return pickle_hashing({**item, "file stamps": stamps})
 
 

@@ -298,11 +298,18 @@ def scan_tree(root: Path, *, ignore: Collection[Path] = (),
 
 def _stamp(path: Path, max_image_bytes: int) -> list[int]:
     """What must be unchanged for an earlier inspection to still hold."""
+    stamp = file_stamp(path)
+    return [*stamp, max_image_bytes] if stamp else []  # gone meanwhile: inspected again
+
+
+def file_stamp(path: str | Path) -> list[int]:
+    """A file's size and modification time, which change when it is rewritten; [] if it is not
+    there (or is no file one can stat)."""
     try:
-        status = path.stat()
-    except OSError:
-        return []  # gone meanwhile: inspected again, which says so
-    return [status.st_size, status.st_mtime_ns, max_image_bytes]
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return []
+    return [status.st_size, status.st_mtime_ns]
 
 
 def _remembered(path: Path | None) -> dict[str, dict[str, object]]:
