@@ -24,10 +24,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Two workers, a whole file each (module fixtures run once): CI has two cores, and much of a
-# federation test waits on Flower starting its processes.
+# Two workers (CI has two cores; a third made the federations contend: slower, not faster). A
+# whole file a worker, so module fixtures run once, but each notebook on its own, and federations
+# first, so the two workers finish together (tests/conftest.py).
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs

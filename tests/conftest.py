@@ -14,6 +14,18 @@ from fedhealth.core.synth import synthesize_federation
 SYNTH_SITES, SYNTH_IMAGES, SYNTH_SIZE, SYNTH_SEED = 3, 40, 64, 11
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Scheduling for `make test` (`--dist loadgroup --no-loadscope-reorder`): a file's tests
+    are one group, so its module fixtures run once on one worker, unless a test names its own
+    group; groups that start real federations (`slow`) are handed out first, so that no long
+    group starts while the other workers have nothing left to do."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 @pytest.fixture(scope="session")
 def synth_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-site federation (64 px, 40 images per site, scanner shift and label skew on).

@@ -45,6 +45,8 @@ from sites.round_archive import KEPT_ROUNDS, RoundArchive, RoundFacts
 from sites.site_check import check_site
 from sites.training import classification_metrics
 
+pytestmark = pytest.mark.slow  # starts real federations
+
 POLICIES = ("fedavg", "fedbn", "ditto")
 SITES = ("hospital-1", "hospital-2")
 PROTOCOLS = dict(zip(SITES, ("dicomweb", "dimse"), strict=True))  # how each site reaches its PACS

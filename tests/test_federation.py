@@ -26,6 +26,8 @@ from fedhealth.core.personalization import get_policy
 from fedhealth.core.synth import synthesize_federation
 from strategies.encrypted_fedavg import EncryptedFedAvg
 
+pytestmark = pytest.mark.slow  # starts real federations
+
 ROUNDS = 2
 PROGRESS_SAMPLE = 4  # test images a site scores before the last round (each test split is larger)
 CONFIG = RunConfig(num_server_rounds=ROUNDS, policy="fedavg", local_epochs=15, optimizer="sgd",

@@ -70,7 +70,10 @@ def test_notebook_is_committed_without_outputs(path: Path) -> None:
         assert cell.execution_count is None, f"{path.name}: code cell {index} has a count"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# each notebook its own xdist group: the longest tests of the suite, sharing no fixture
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=pytest.mark.xdist_group(p.stem))
+                                  for p in NOTEBOOKS])
 def test_notebook_runs_and_ends_with_a_figure_and_a_table(
         path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The kernel inherits os.environ: small mode, and temporary folders under tmp_path.

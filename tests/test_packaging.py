@@ -8,6 +8,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # builds a wheel and a Flower App Bundle and runs them
+
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("fedhealth.app.server_app", "sites.client_app", "strategies.encrypted_fedavg",
         "fedhealth.app.cli")
