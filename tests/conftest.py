@@ -20,10 +20,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     are one group, so its module fixtures run once on one worker, unless a test names its own
     group; groups that start real federations (`slow`) are handed out first, so that no long
     group starts while the other workers have nothing left to do."""
+    groups: dict[pytest.Item, str] = {}
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
+        marker = item.get_closest_marker("xdist_group")
+        if marker is None:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+        groups[item] = marker.args[0] if marker else item.path.stem
+    slow = {groups[item] for item in items if item.get_closest_marker("slow")}
+    # whole groups move, each in one piece, so a serial run sets module fixtures up once too
+    items.sort(key=lambda item: groups[item] not in slow)  # stable
 
 
 @pytest.fixture(scope="session")
