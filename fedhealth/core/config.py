@@ -72,7 +72,7 @@ class RunConfig:
     expected_sites: int = 0
     join_timeout: float = 300.0
     fraction_train: float = 1.0
-    local_epochs: int = 2
+    local_epochs: int = 4
     batch_size: int = 16
     optimizer: str = "adam"
     learning_rate: float = 0.003
