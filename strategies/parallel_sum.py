@@ -15,7 +15,6 @@ Workers are started with `spawn` (a forked child of a process running gRPC threa
 and get the params-only aggregator key, which is all the serial sum has either.
 """
 
-import itertools
 import multiprocessing as mp
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
@@ -26,6 +25,7 @@ from flwr.app import ArrayRecord
 
 from fedhealth.core.crypto import wire
 from fedhealth.core.crypto.aggregator_key import AggregatorKey
+from fedhealth.core.crypto.chunk_ranges import split
 from strategies.ciphertext_sum import RunningSum, check_count, declared_count
 from strategies.reply_check import ReplyRejected
 
@@ -195,7 +195,7 @@ class ParallelSum:
         """Add one update across the workers, all of it or none (see module)."""
         count = declared_count(self.workers.key, record)
         check_count(count, self.chunk_sizes or self.expected_sizes)
-        ranges = self.ranges or _split(count, len(self.workers.pipes))
+        ranges = self.ranges or split(count, len(self.workers.pipes))
         spans = self.workers.copy_in(wire.record_to_ciphertexts(record))
         answers = self.workers.ask_all([
             ("fold", self.sum_id, spans[r.start:r.stop], r.start,
@@ -216,12 +216,3 @@ class ParallelSum:
         parts = self.workers.ask_some({i: ("serialize", self.sum_id)
                                        for i in range(len(self.ranges))})
         return [blob for i in sorted(parts) for blob in parts[i]]
-
-
-def _split(count: int, parts: int) -> list[range]:
-    """`count` indices in at most `parts` contiguous ranges whose lengths differ by at most one."""
-    size, rest = divmod(count, parts)
-    bounds = [0]
-    for part in range(parts):
-        bounds.append(bounds[-1] + size + (1 if part < rest else 0))
-    return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]

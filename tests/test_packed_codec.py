@@ -18,9 +18,9 @@ from fedhealth.core.crypto import packed_digits, wire
 from fedhealth.core.crypto.chunk_pool import (
     MIN_PARALLEL_CIPHERTEXTS,
     shared_file,
-    split,
     worker_pids,
 )
+from fedhealth.core.crypto.chunk_ranges import split
 from fedhealth.core.crypto.codec import (
     IntegrityError,
     Packing,

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from itertools import pairwise
 from multiprocessing import get_context
 from typing import TypeVar
 
@@ -50,27 +49,14 @@ def default_workers() -> int:
 
 
 CALLER_OVERHEAD = 0.04
-"""The calling process's own serial work in a parallel call, as a fraction of the whole call's
-work done serially: flattening the update, copying ranges into and out of shared memory,
-building the record. Measured at 7M parameters (`default`, 2 processes, CPU time, with the kept
-`shared_file`): 0.08 s of 2.8 s to encrypt (0.19 s with a fresh file per call). `split`
-shortens the caller's range by it, so that the caller does not finish last while the workers
-wait idle. Decryption splits equally: there a worker copies its ciphertexts back out of shared
-memory, which weighs about what its caller does alone (with the caller's range 7% shorter the
-worker took 0.64 s of CPU, the caller 0.51 s)."""
-
-
-def split(count: int, parts: int, caller_overhead: float = 0.0) -> list[range]:
-    """`count` ciphertext indices in `parts` contiguous ranges (none empty): the first, which
-    the calling process runs, shorter by `caller_overhead` of the whole work, spread over the
-    others, so that every process has the same work; equal ranges when that would empty one."""
-    parts = max(1, min(parts, count))
-    weights = np.array([max(0.5, 1 - (parts - 1) * caller_overhead)]
-                       + [1 + caller_overhead] * (parts - 1))
-    bounds = [0, *np.rint(count * np.cumsum(weights) / weights.sum()).astype(int).tolist()]
-    if any(b <= a for a, b in pairwise(bounds)):
-        bounds = [count * i // parts for i in range(parts + 1)]
-    return [range(a, b) for a, b in pairwise(bounds)]
+"""The calling process's own serial work in a parallel call, as a fraction of the whole call's work
+done serially: flattening the update, copying ranges into and out of shared memory, building the
+record. Measured at 7M parameters (`default`, 2 processes, CPU time, with the kept
+`shared_file`): 0.08 s of 2.8 s to encrypt (0.19 s with a fresh file per call).
+`chunk_ranges.split` shortens the caller's range by it, so that the caller does not finish last
+while the workers wait idle. Decryption splits equally: there a worker copies its ciphertexts
+back out of shared memory, which weighs about what its caller does alone (with the caller's
+range 7% shorter the worker took 0.64 s of CPU, the caller 0.51 s)."""
 
 
 def parallel_available() -> bool:

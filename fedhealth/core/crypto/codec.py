@@ -51,8 +51,8 @@ from fedhealth.core.crypto.chunk_pool import (
     here_and_away,
     parallel_available,
     shared_file,
-    split,
 )
+from fedhealth.core.crypto.chunk_ranges import split
 from fedhealth.core.crypto.keys import SiteKey
 from fedhealth.core.crypto.layout import TensorLayout
 from fedhealth.core.crypto.presets import CkksPreset, HeadroomError
@@ -663,6 +663,6 @@ def _workers(workers: int | None) -> int:
 def _ranges(ciphertexts: int, workers: int | None, caller_overhead: float) -> list[range]:
     """One range per worker, or a single one below MIN_PARALLEL_CIPHERTEXTS (or without
     `chunk_pool.parallel_available`); the caller's shorter by `caller_overhead`
-    (`chunk_pool.split`)."""
+    (`chunk_ranges.split`)."""
     parallel = ciphertexts >= MIN_PARALLEL_CIPHERTEXTS and parallel_available()
     return split(ciphertexts, _workers(workers) if parallel else 1, caller_overhead)
