@@ -4,11 +4,13 @@
     python benchmarks/scenario_sweep.py --out runs/quick --images-per-site 600 --seeds 1
 
 Each scenario is synthesized once (its own sizes unless --images-per-site), then `compare` runs
-all strategies with the run config's default schedule for each seed. Prints one markdown table
-per scenario (mean balanced accuracy over seeds, ± 95% interval over test images, and the winner),
-and writes everything to OUT/sweep.json with the wall time of each scenario. A scenario already
-in OUT/sweep.json from the same seed and sizes is kept, not run again, so a sweep interrupted
-(or run a few scenarios at a time) completes where it stopped.
+all strategies with the run config's default schedule for each seed; the first seed
+(--plaintext-seeds) also runs every federated strategy unencrypted. Prints one markdown table
+per scenario (mean balanced accuracy over seeds, ± 95% interval over test images, the winner, and
+the largest encrypted-vs-plaintext difference on any site), and writes everything to
+OUT/sweep.json with the wall time of each scenario. A scenario already in OUT/sweep.json from the
+same seeds and sizes is kept, not run again, so a sweep interrupted (or run a few scenarios at a
+time) completes where it stopped.
 """
 
 import argparse
@@ -18,21 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.app.compare import STRATEGY_NAMES, compare
+from fedhealth.app.summary import encryption_gap
 from fedhealth.core.config import RunConfig
 from fedhealth.core.synth.federation import synthesize
 from fedhealth.core.synth.scenarios import SCENARIO_NAMES, get_scenario
 
 
-def markdown(name: str, rows: list[dict[str, Any]], seconds: float) -> str:
-    """One scenario's table (rows: `StrategySummary.to_json()`): sites as columns, the mean with
-    its interval, the winner marked."""
+def markdown(name: str, rows: list[dict[str, Any]], gaps: dict[str, float], seconds: float) -> str:
+    """One scenario's table (rows: `StrategySummary.to_json()`, the encrypted and baseline ones):
+    sites as columns, the mean with its interval, the winner marked, and each strategy's
+    `encryption_gap`."""
+    rows = [row for row in rows if row["encrypted"] is not False]
     sites = sorted({site for row in rows for site in row["per_site"]})
     federated = [row for row in rows if row["encrypted"] is not None]
     best = max(federated, key=lambda row: row["mean"]["mean"])["label"] if federated else ""
     lines = [f"**{name}** ({seconds / 60:.0f} min)", "",
              "| strategy | " + " | ".join(sites) + " | mean ± 95% CI | sd over seeds | "
-             "rounds to 90% of pooled |",
-             "| --- |" + " --- |" * (len(sites) + 3)]
+             "rounds to 90% of pooled | \\|encrypted - plaintext\\| |",
+             "| --- |" + " --- |" * (len(sites) + 4)]
     for row in rows:
         cells = [f"{row['per_site'][s]['mean']:.3f}" for s in sites]
         label = f"**{row['label']}**" if row["label"] == best else row["label"]
@@ -40,8 +45,10 @@ def markdown(name: str, rows: list[dict[str, Any]], seconds: float) -> str:
         sd = "-" if spread is None else f"{spread:.3f}"
         reached = ("-" if row["encrypted"] is None else "not reached"
                    if row["rounds_to_target"] is None else f"{row['rounds_to_target']:.1f}")
+        gap = gaps.get(row["strategy"])
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['mean']['mean']:.3f} ± "
-                     f"{row['mean']['ci95']:.3f} | {sd} | {reached} |")
+                     f"{row['mean']['ci95']:.3f} | {sd} | {reached} | "
+                     + ("-" if gap is None else f"{gap:.3f}") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -52,6 +59,8 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGY_NAMES))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="first seed (data and runs)")
+    parser.add_argument("--plaintext-seeds", type=int, default=1,
+                        help="how many seeds, from the first, also run unencrypted")
     parser.add_argument("--images-per-site", type=int, default=None)
     args = parser.parse_args()
     record = args.out / "sweep.json"
@@ -63,21 +72,23 @@ def main() -> None:
         sizes = [s.images for s in scenario.sites]
         kept = sweep.get(name)
         if kept and kept.get("seed") == args.seed and kept["images_per_site"] == sizes and (
-                kept.get("seeds") == args.seeds):
-            print(markdown(name, kept["summary"], kept["seconds"]), flush=True)
+                kept.get("seeds") == args.seeds and kept.get("plaintext_seeds") == args.plaintext_seeds):
+            print(markdown(name, kept["summary"], kept["encryption_gap"], kept["seconds"]), flush=True)
             continue
         started = time.perf_counter()
         folder = args.out / name
         synthesize(folder / "hospitals", scenario, args.seed, overwrite=True)
         results = compare(folder / "hospitals", folder / "results.json",
                           args.strategies.split(","), RunConfig(seed=args.seed),
-                          repeats=args.seeds,
+                          repeats=args.seeds, plaintext_seeds=args.plaintext_seeds,
                           on_run=lambda tag, name=name: print(f"  {name}: {tag}", flush=True))
         seconds = time.perf_counter() - started
         rows = [row.to_json() for row in results.summaries]
-        print(markdown(name, rows, seconds), flush=True)
+        gaps = encryption_gap(results.runs)
+        print(markdown(name, rows, gaps, seconds), flush=True)
         sweep[name] = {"seconds": seconds, "seed": args.seed, "seeds": args.seeds,
-                       "images_per_site": sizes, "summary": rows}
+                       "plaintext_seeds": args.plaintext_seeds, "images_per_site": sizes,
+                       "summary": rows, "encryption_gap": gaps}
         record.write_text(json.dumps(sweep, indent=2))
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from fedhealth.app.summary import (
     Z95,
     Estimate,
     add_rounds_to_target,
+    encryption_gap,
     rounds_to_target,
     summarize,
 )
@@ -75,6 +76,16 @@ def test_runs_get_rounds_and_uplink_to_target_against_their_seeds_pooled_run() -
     assert runs[1]["rounds_to_target"] == 3 and runs[1]["uplink_bytes_to_target"] == 3000.0
     assert runs[2]["rounds_to_target"] is None and runs[2]["uplink_bytes_to_target"] is None
     assert "rounds_to_target" not in runs[0]
+
+
+def test_encryption_gap_pairs_runs_of_one_seed_and_takes_the_worst_site() -> None:
+    runs = [_run("fedavg", 0, {"a": (0.80, 0.0), "b": (0.70, 0.0)}),
+            _run("fedavg", 0, {"a": (0.81, 0.0), "b": (0.66, 0.0)}, encrypted=False),
+            _run("fedavg", 1, {"a": (0.90, 0.0), "b": (0.90, 0.0)}),  # no plaintext twin
+            _run("fedbn", 0, {"a": (0.75, 0.0), "b": (0.75, 0.0)}),
+            _run("fedbn", 1, {"a": (0.75, 0.0), "b": (0.75, 0.0)}, encrypted=False),  # other seed
+            _run("local", 0, {"a": (0.5, 0.0), "b": (0.5, 0.0)}, encrypted=None)]
+    assert encryption_gap(runs) == {"fedavg": pytest.approx(0.04)}
 
 
 def test_operating_threshold_maximises_balanced_accuracy() -> None:

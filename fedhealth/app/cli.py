@@ -126,7 +126,8 @@ def compare_command(
             **{key: value for key, value in overrides.items() if value is not None}})
     except ConfigError as error:
         raise typer.BadParameter(str(error)) from error
-    results = compare(data, out, names, config, repeats=repeats, plaintext_too=plaintext_too,
+    results = compare(data, out, names, config, repeats=repeats,
+                      plaintext_seeds=repeats if plaintext_too else 0,
                       dp_levels=dp_levels, target_fraction=target_fraction,
                       on_run=lambda label: console.log(f"running {label}"))
     console.print(results_table(results.runs))

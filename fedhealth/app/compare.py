@@ -98,23 +98,25 @@ def parse_noise_levels(levels: str) -> list[float]:
     return values
 
 
-def _modes(plaintext_too: bool, dp_levels: Sequence[float] | None
+def _modes(plaintext: bool, dp_levels: Sequence[float] | None
            ) -> list[tuple[bool, float | None]]:
     """(encrypted, noise multiplier or None for the base config's) of each federated run."""
     if dp_levels:
         return [(True, level) for level in dp_levels]
-    return [(True, None), (False, None)] if plaintext_too else [(True, None)]
+    return [(True, None), (False, None)] if plaintext else [(True, None)]
 
 
 def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfig, *,
-            repeats: int = 1, plaintext_too: bool = False,
+            repeats: int = 1, plaintext_seeds: int = 0,
             dp_levels: Sequence[float] | None = None,
             target_fraction: float = TARGET_FRACTION,
             on_run: Callable[[str], None] = lambda label: None) -> "Comparison":
     """Run every strategy on the federation in `data_dir`, with seeds base.seed .. +repeats-1.
 
     A seed sets the patient split, the initial model and the shuffles; every strategy gets the
-    same ones, so differences between rows are the strategies'. Writes `out` as
+    same ones, so differences between rows are the strategies'. The first `plaintext_seeds`
+    seeds also run each federated strategy unencrypted, which is what encryption's cost in
+    accuracy is measured against (`summary.encryption_gap`). Writes `out` as
     `{"runs": [...], "summary": [...]}` and returns the same as a `Comparison`.
     Simulated sites share one state folder, so each decodes its DICOM once for the whole grid.
     """
@@ -141,7 +143,7 @@ def compare(data_dir: Path, out: Path, strategies: Sequence[str], base: RunConfi
                              for d in site_dirs]
                     runs.append({**run_baseline(name, sites, config), "seed": seed})
                     continue
-                for encrypted, noise in _modes(plaintext_too, dp_levels):
+                for encrypted, noise in _modes(seed < base.seed + plaintext_seeds, dp_levels):
                     tag = (f"{name}-{'encrypted' if encrypted else 'plaintext'}"
                            f"{'' if noise is None else f'-dp{noise:g}'}-seed{seed}")
                     on_run(tag)

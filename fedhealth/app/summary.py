@@ -8,6 +8,8 @@ Two kinds of uncertainty, reported apart:
   initial model and the shuffles.
 `rounds_to_target` is the first round at which a federated run's mean over sites reaches a stated
 fraction of pooled training's: with the uplink to that round, what a coordinator plans with.
+`encryption_gap` is what encryption costs in accuracy: the largest difference, over sites and
+seeds, between a strategy's encrypted run and its plaintext run on the same seed.
 `epsilon` is the client-level privacy a run spent (results.json `privacy`, at its `delta`); runs
 at different noise multipliers are different rows.
 """
@@ -128,6 +130,24 @@ def summarize(runs: Sequence[Run]) -> list[StrategySummary]:
     for run in runs:
         groups.setdefault(run_label(run), []).append(run)
     return [_summary(label, group) for label, group in groups.items()]
+
+
+def encryption_gap(runs: Sequence[Run]) -> dict[str, float]:
+    """Per strategy run both ways, the largest |encrypted - plaintext| of `METRIC` over every site
+    and seed that has both runs (runs with client-level DP noise are left out: noise differs)."""
+    by_mode: dict[tuple[str, object, bool], dict[str, dict[str, float]]] = {}
+    for run in runs:
+        if run.get("encrypted") is not None and not noise_multiplier(run):
+            by_mode[(str(run["strategy"]), run["seed"], bool(run["encrypted"]))] = _per_site(run)
+    gaps: dict[str, float] = {}
+    for (strategy, seed, encrypted), sites in by_mode.items():
+        plain = by_mode.get((strategy, seed, False))
+        if not encrypted or plain is None:
+            continue
+        shared = sites.keys() & plain.keys()
+        gap = max((abs(sites[s][METRIC] - plain[s][METRIC]) for s in shared), default=0.0)
+        gaps[strategy] = max(gap, gaps.get(strategy, 0.0))
+    return gaps
 
 
 def _summary(label: str, group: list[Run]) -> StrategySummary:
