@@ -8,4 +8,4 @@ def test_under_loadgroup_a_file_is_one_group_in_the_node_id(request: pytest.Fixt
     its own, and a file's module fixtures (whole federations) run once on each worker."""
     if not getattr(request.config.option, "loadgroup", False):
         pytest.skip("runs under `make test` (pytest-xdist, --dist loadgroup)")
-    assert request.node.nodeid.endswith("@test_scheduling"), request.node.nodeid
+    assert request.node.nodeid.endswith(f"@{request.path.stem}"), request.node.nodeid
