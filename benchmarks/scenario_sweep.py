@@ -8,9 +8,14 @@ all strategies with the run config's default schedule for each seed; the first s
 (--plaintext-seeds) also runs every federated strategy unencrypted. Prints one markdown table
 per scenario (mean balanced accuracy over seeds, ± 95% interval over test images, the winner, and
 the largest encrypted-vs-plaintext difference on any site), and writes everything to
-OUT/sweep.json with the wall time of each scenario. A scenario already in OUT/sweep.json from the
-same seeds and sizes is kept, not run again, so a sweep interrupted (or run a few scenarios at a
-time) completes where it stopped.
+the record (--record, by default OUT/sweep.json) with the wall time of each scenario. A scenario
+already in the record from the same seeds and sizes is kept, not run again, so a sweep interrupted
+(or run a few scenarios at a time, on different machines) completes where it stopped.
+`benchmarks/results/scenario_sweep.json` is the record behind the README's tables:
+
+    python benchmarks/scenario_sweep.py --out DIR --record benchmarks/results/scenario_sweep.json
+
+prints them all from it and runs only the scenarios it lacks.
 """
 
 import argparse
@@ -62,8 +67,10 @@ def main() -> None:
     parser.add_argument("--plaintext-seeds", type=int, default=1,
                         help="how many seeds, from the first, also run unencrypted")
     parser.add_argument("--images-per-site", type=int, default=None)
+    parser.add_argument("--record", type=Path, default=None,
+                        help="the JSON record to complete (default: OUT/sweep.json)")
     args = parser.parse_args()
-    record = args.out / "sweep.json"
+    record: Path = args.record or args.out / "sweep.json"
     sweep: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
     for name in args.scenarios.split(","):
         scenario = get_scenario(name)
@@ -89,7 +96,8 @@ def main() -> None:
         sweep[name] = {"seconds": seconds, "seed": args.seed, "seeds": args.seeds,
                        "plaintext_seeds": args.plaintext_seeds, "images_per_site": sizes,
                        "summary": rows, "encryption_gap": gaps}
-        record.write_text(json.dumps(sweep, indent=2))
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(sweep, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()
