@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--plaintext-seeds", type=int, default=1,
                         help="how many seeds, from the first, also run unencrypted")
     parser.add_argument("--images-per-site", type=int, default=None)
+    parser.add_argument("--preset", default=RunConfig.crypto_preset,
+                        help="the encrypted runs' crypto preset (e.g. packed, to measure its "
+                             "accuracy against plaintext; give it its own --record)")
     parser.add_argument("--record", type=Path, default=None,
                         help="the JSON record to complete (default: OUT/sweep.json)")
     args = parser.parse_args()
@@ -77,25 +80,25 @@ def main() -> None:
         if args.images_per_site:
             scenario = scenario.resized(images_per_site=args.images_per_site)
         sizes = [s.images for s in scenario.sites]
-        kept = sweep.get(name)
-        if kept and kept.get("seed") == args.seed and kept["images_per_site"] == sizes and (
-                kept.get("seeds") == args.seeds and kept.get("plaintext_seeds") == args.plaintext_seeds):
+        wanted = {"seed": args.seed, "seeds": args.seeds, "plaintext_seeds": args.plaintext_seeds,
+                  "images_per_site": sizes, "crypto_preset": args.preset}
+        kept = {"crypto_preset": RunConfig.crypto_preset, **sweep.get(name, {})}  # older records
+        if all(kept.get(field) == value for field, value in wanted.items()):
             print(markdown(name, kept["summary"], kept["encryption_gap"], kept["seconds"]), flush=True)
             continue
         started = time.perf_counter()
         folder = args.out / name
         synthesize(folder / "hospitals", scenario, args.seed, overwrite=True)
         results = compare(folder / "hospitals", folder / "results.json",
-                          args.strategies.split(","), RunConfig(seed=args.seed),
+                          args.strategies.split(","),
+                          RunConfig(seed=args.seed, crypto_preset=args.preset),
                           repeats=args.seeds, plaintext_seeds=args.plaintext_seeds,
                           on_run=lambda tag, name=name: print(f"  {name}: {tag}", flush=True))
         seconds = time.perf_counter() - started
         rows = [row.to_json() for row in results.summaries]
         gaps = encryption_gap(results.runs)
         print(markdown(name, rows, gaps, seconds), flush=True)
-        sweep[name] = {"seconds": seconds, "seed": args.seed, "seeds": args.seeds,
-                       "plaintext_seeds": args.plaintext_seeds, "images_per_site": sizes,
-                       "summary": rows, "encryption_gap": gaps}
+        sweep[name] = {"seconds": seconds, **wanted, "summary": rows, "encryption_gap": gaps}
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(sweep, indent=2) + "\n")
 
