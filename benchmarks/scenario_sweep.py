@@ -74,6 +74,7 @@ def main() -> None:
                         help="the JSON record to complete (default: OUT/sweep.json)")
     args = parser.parse_args()
     record: Path = args.record or args.out / "sweep.json"
+    base = RunConfig(seed=args.seed, crypto_preset=args.preset)  # a bad --preset fails here
     sweep: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
     for name in args.scenarios.split(","):
         scenario = get_scenario(name)
@@ -82,7 +83,7 @@ def main() -> None:
         sizes = [s.images for s in scenario.sites]
         wanted = {"seed": args.seed, "seeds": args.seeds, "plaintext_seeds": args.plaintext_seeds,
                   "images_per_site": sizes, "crypto_preset": args.preset}
-        kept = {"crypto_preset": RunConfig.crypto_preset, **sweep.get(name, {})}  # older records
+        kept = sweep.get(name, {})
         if all(kept.get(field) == value for field, value in wanted.items()):
             print(markdown(name, kept["summary"], kept["encryption_gap"], kept["seconds"]), flush=True)
             continue
@@ -90,8 +91,7 @@ def main() -> None:
         folder = args.out / name
         synthesize(folder / "hospitals", scenario, args.seed, overwrite=True)
         results = compare(folder / "hospitals", folder / "results.json",
-                          args.strategies.split(","),
-                          RunConfig(seed=args.seed, crypto_preset=args.preset),
+                          args.strategies.split(","), base,
                           repeats=args.seeds, plaintext_seeds=args.plaintext_seeds,
                           on_run=lambda tag, name=name: print(f"  {name}: {tag}", flush=True))
         seconds = time.perf_counter() - started
