@@ -26,6 +26,7 @@ from typing import Any
 
 from fedhealth.app.compare import STRATEGY_NAMES, compare
 from fedhealth.app.summary import encryption_gap
+from fedhealth.core.atomic_file import write_atomically
 from fedhealth.core.config import RunConfig
 from fedhealth.core.synth.federation import synthesize
 from fedhealth.core.synth.scenarios import SCENARIO_NAMES, get_scenario
@@ -100,7 +101,8 @@ def main() -> None:
         print(markdown(name, rows, gaps, seconds), flush=True)
         sweep[name] = {"seconds": seconds, **wanted, "summary": rows, "encryption_gap": gaps}
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(sweep, indent=2) + "\n")
+        # atomically: a crash mid-write must not lose the scenarios already recorded
+        write_atomically(record, (json.dumps(sweep, indent=2) + "\n").encode(), mode=0o644)
 
 if __name__ == "__main__":
     main()
